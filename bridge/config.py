@@ -1,0 +1,267 @@
+"""The configuration: one TOML file, decoded by msgspec, overridable from the environment.
+
+Every key has a default, so no file and no variables is a valid configuration.
+Problems are collected, not raised one by one, so `check-config` can show
+them all at once, each naming the key (or variable) it is about.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+PROVIDER_IPS = ["3.1.131.226", "54.254.74.88", "18.136.190.97", "18.136.60.197", "18.136.19.137"]
+LOOPBACK = ["127.0.0.1", "::1"]
+ENV_PREFIX = "ESIM_BRIDGE_"
+TOPIC_LEVEL = re.compile(r"^[^#+/\x00]+(/[^#+/\x00]+)*$")
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class HttpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    path: str = "/webhook"
+    token: str | None = None
+    allowed_ips: list[str] = msgspec.field(default_factory=lambda: [*PROVIDER_IPS, *LOOPBACK])
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    max_body_bytes: Positive = 65536
+    body_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
+class MqttConfig(_Section):
+    url: str | None = None
+    embedded_listen: str = "127.0.0.1:1883"
+    client_id: str = "esim-bridge"
+    base_topic: str = "esim"
+    qos: Annotated[int, msgspec.Meta(ge=0, le=2)] = 1
+    keepalive: Annotated[int, msgspec.Meta(ge=5)] = 30
+    shutdown_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+
+
+class HomeAssistantConfig(_Section):
+    discovery: bool = True
+    prefix: str = "homeassistant"
+
+
+class StoreConfig(_Section):
+    path: str = "./data/esim-bridge.db"
+    dedup_hours: Annotated[float, msgspec.Meta(gt=0)] = 72.0
+    max_outbox: Positive = 1_000_000
+    synchronous: str = "full"
+
+
+class LogConfig(_Section):
+    level: str = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "http": HttpConfig,
+    "mqtt": MqttConfig,
+    "homeassistant": HomeAssistantConfig,
+    "store": StoreConfig,
+    "log": LogConfig,
+}
+SECRET_KEYS = {("http", "token")}
+
+
+class ConfigError(Exception):
+    """One or more problems with the configuration; `problems` lists each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _field_types(section: type[_Section]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(section)}
+
+
+def _env_value(raw: str, field_type: Any) -> Any:
+    """Environment values are strings; lists may be JSON arrays or comma-separated."""
+    text = raw.strip()
+    wants_list = "list[" in str(field_type)
+    if wants_list:
+        if text.startswith("["):
+            return msgspec.json.decode(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if text == "" and "None" in str(field_type):
+        return None
+    return text
+
+
+def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"config file {path} does not exist: create it or drop --config")
+        return {}
+    except OSError as exc:
+        problems.append(f"config file {path} cannot be read: {exc.strerror}")
+        return {}
+    try:
+        decoded = msgspec.toml.decode(data)
+    except msgspec.DecodeError as exc:
+        problems.append(f"config file {path} is not valid TOML: {exc}")
+        return {}
+    if not isinstance(decoded, dict):
+        problems.append(f"config file {path} must be a TOML table")
+        return {}
+    return decoded
+
+
+def _collect(
+    path: Path | None, environ: Mapping[str, str], problems: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Merge file and environment into {section: {key: value}}, checking each key's type."""
+    raw = _read_file(path, problems) if path is not None else {}
+    merged: dict[str, dict[str, Any]] = {}
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{section} must be a table ([{section}]), not {type(table).__name__}")
+            continue
+        types = _field_types(SECTIONS[section])
+        for key, value in table.items():
+            if key not in types:
+                problems.append(
+                    f"unknown key {section}.{key} (known in [{section}]: {', '.join(types)})"
+                )
+                continue
+            try:
+                converted = msgspec.convert(value, types[key], strict=True)
+            except msgspec.ValidationError as exc:
+                problems.append(f"{section}.{key} = {value!r}: {exc}")
+                continue
+            merged.setdefault(section, {})[key] = converted
+
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in SECTIONS:
+            problems.append(f"{name}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            continue
+        types = _field_types(SECTIONS[section])
+        if key not in types:
+            problems.append(f"{name}: unknown key {section}.{key} (known: {', '.join(types)})")
+            continue
+        try:
+            converted = msgspec.convert(_env_value(value, types[key]), types[key], strict=False)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            problems.append(f"{name}={value!r} (key {section}.{key}): {exc}")
+            continue
+        merged.setdefault(section, {})[key] = converted
+    return merged
+
+
+def _check_values(config: Config, problems: list[str]) -> None:
+    """Rules a type cannot express: addresses, URLs, topic names."""
+    for key in ("allowed_ips", "trusted_proxies"):
+        for entry in getattr(config.http, key):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                problems.append(f"http.{key}: {entry!r} is not an IP address or CIDR")
+    if not config.http.path.startswith("/") or config.http.path.rstrip("/") == "":
+        problems.append(f"http.path = {config.http.path!r}: must start with / and not be /")
+    if config.mqtt.url is not None:
+        parts = urlsplit(config.mqtt.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            problems.append(
+                f"mqtt.url = {mask_url(config.mqtt.url)!r}: expected "
+                "mqtt://[user:pass@]host[:port] or mqtts://..."
+            )
+        else:
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                problems.append(f"mqtt.url = {mask_url(config.mqtt.url)!r}: the port is not valid")
+    host, sep, port = config.mqtt.embedded_listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        problems.append(
+            f"mqtt.embedded_listen = {config.mqtt.embedded_listen!r}: expected host:port"
+        )
+    for key in ("base_topic",):
+        value = getattr(config.mqtt, key)
+        if not TOPIC_LEVEL.match(value):
+            problems.append(f"mqtt.{key} = {value!r}: not a valid topic (no + # or empty levels)")
+    if not TOPIC_LEVEL.match(config.homeassistant.prefix):
+        problems.append(f"homeassistant.prefix = {config.homeassistant.prefix!r}: not a topic")
+    if config.store.synchronous not in ("full", "normal"):
+        problems.append(f"store.synchronous = {config.store.synchronous!r}: 'full' or 'normal'")
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"log.level = {config.log.level!r}: debug, info, warning or error")
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The effective configuration, or ConfigError listing every problem."""
+    problems: list[str] = []
+    merged = _collect(path, os.environ if environ is None else environ, problems)
+    if problems:
+        raise ConfigError(problems)
+    config = msgspec.convert(merged, Config)
+    _check_values(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, safe to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return msgspec.json.encode(str(value)).decode()
+
+
+def render(config: Config) -> str:
+    """The configuration as TOML, secrets masked, unset keys as comments."""
+    lines: list[str] = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        values = msgspec.structs.asdict(getattr(config, section))
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} is not set")
+                continue
+            if (section, key) in SECRET_KEYS:
+                value = "***"
+            elif section == "mqtt" and key == "url":
+                value = mask_url(value)
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The webhooks eSIM Access sends, as msgspec structs.
+
+One tagged union on `notifyType` decodes every known type in one pass from
+the raw bytes. Every content field is optional ("the content object structure
+may vary slightly"), numbers sent as strings are converted, and unknown fields
+are ignored here: the event topics carry the body exactly as received anyway.
+A body that is JSON with a string `notifyType` but does not fit its struct, or
+has a type we do not know, is still accepted and published raw.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class _Content(msgspec.Struct, rename="camel", kw_only=True):
+    order_no: str | None = None
+
+
+class _Webhook(msgspec.Struct, tag_field="notifyType", rename="camel", kw_only=True):
+    event_generate_time: datetime | None = None
+    notify_id: str | None = None
+
+
+class OrderContent(_Content):
+    order_status: str | None = None
+
+
+class EsimContent(_Content):
+    iccid: str | None = None
+    esim_tran_no: str | None = None
+    transaction_id: str | None = None
+
+
+class SmdpContent(EsimContent):
+    eid: str | None = None
+    esim_status: str | None = None
+    smdp_status: str | None = None
+
+
+class DataUsageContent(EsimContent):
+    total_volume: int | None = None
+    order_usage: int | None = None
+    remain: int | None = None
+    last_update_time: datetime | None = None
+    remain_threshold: float | None = None
+
+
+class ValidityContent(EsimContent):
+    duration_unit: str | None = None
+    total_duration: int | None = None
+    expired_time: datetime | None = None
+    remain: int | None = None
+
+
+class CheckHealth(_Webhook, tag="CHECK_HEALTH"):
+    content: OrderContent = msgspec.field(default_factory=OrderContent)
+
+
+class OrderStatus(_Webhook, tag="ORDER_STATUS"):
+    content: OrderContent = msgspec.field(default_factory=OrderContent)
+
+
+class SmdpEvent(_Webhook, tag="SMDP_EVENT"):
+    content: SmdpContent = msgspec.field(default_factory=SmdpContent)
+
+
+class EsimStatus(_Webhook, tag="ESIM_STATUS"):
+    content: SmdpContent = msgspec.field(default_factory=SmdpContent)
+
+
+class DataUsage(_Webhook, tag="DATA_USAGE"):
+    content: DataUsageContent = msgspec.field(default_factory=DataUsageContent)
+
+
+class ValidityUsage(_Webhook, tag="VALIDITY_USAGE"):
+    content: ValidityContent = msgspec.field(default_factory=ValidityContent)
+
+
+Webhook = CheckHealth | OrderStatus | SmdpEvent | EsimStatus | DataUsage | ValidityUsage
+KNOWN_TYPES = ("CHECK_HEALTH", "ORDER_STATUS", "SMDP_EVENT", "ESIM_STATUS", "DATA_USAGE",
+               "VALIDITY_USAGE")
+
+
+class Envelope(msgspec.Struct):
+    """The least a body must be to be accepted: a JSON object with a string notifyType."""
+
+    notifyType: str
+    notifyId: object = None
+    eventGenerateTime: object = None
+
+
+class BadWebhook(ValueError):
+    """The body is not something we can accept at all (answered with 400)."""
+
+
+class Decoded(msgspec.Struct, frozen=True):
+    """What a body turned out to be.
+
+    `event` is the typed webhook, or None when the body is accepted raw, in
+    which case `problem` says why it did not fit.
+    """
+
+    notify_type: str
+    notify_id: str | None
+    event_time: datetime | None
+    event: Webhook | None = None
+    problem: str | None = None
+
+
+_typed = msgspec.json.Decoder(Webhook, strict=False)
+_envelope = msgspec.json.Decoder(Envelope)
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return msgspec.convert(value, datetime)
+    except msgspec.ValidationError:
+        return None
+
+
+def decode(body: bytes) -> Decoded:
+    """Decode one webhook body, or raise BadWebhook saying what is wrong with it."""
+    try:
+        body.decode()  # msgspec skips unknown fields unread; JSON must be UTF-8 throughout
+    except UnicodeDecodeError as exc:
+        raise BadWebhook(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        event = _typed.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        typed_error: Exception = exc
+    else:
+        return Decoded(str(event.__struct_config__.tag), event.notify_id,
+                       event.event_generate_time, event)
+    try:
+        envelope = _envelope.decode(body)
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: test it first
+        raise BadWebhook(
+            f"the body must be a JSON object with a string notifyType: {exc}"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise BadWebhook(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadWebhook("the body is nested too deeply to be a webhook") from None
+    notify_id = envelope.notifyId if isinstance(envelope.notifyId, str) else None
+    if envelope.notifyType in KNOWN_TYPES:
+        problem = f"content does not fit {envelope.notifyType}: {typed_error}"
+    else:
+        problem = f"unknown notifyType {envelope.notifyType!r}"
+    return Decoded(envelope.notifyType, notify_id, _parse_time(envelope.eventGenerateTime),
+                   None, problem)
