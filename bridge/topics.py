@@ -1,0 +1,253 @@
+"""This event, on top of this state, gives these MQTT messages: the pure heart.
+
+No I/O here. The store calls `plan` inside its transaction and appends the
+messages to the outbox; the publisher only sends them.
+
+State is kept per *entity* (an eSIM, an order, the bridge) as a `Record`: the
+contract's state fields plus, for each field, the time of the event that set
+it. That time decides the out-of-order rule: a field (and so its value topic)
+is only overwritten by an event at least as new as the one that set it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from bridge.models import (
+    CheckHealth,
+    DataUsage,
+    Decoded,
+    EsimStatus,
+    OrderStatus,
+    SmdpEvent,
+    ValidityUsage,
+)
+
+SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+INVALID = "INVALID"
+
+Value = str | int | float
+
+
+class Message(msgspec.Struct, frozen=True, array_like=True):
+    """One finished MQTT message, as the outbox holds it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Record(msgspec.Struct):
+    """What is known about one entity, and when each field was last set."""
+
+    fields: dict[str, Value] = msgspec.field(default_factory=dict)
+    times: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class Plan(msgspec.Struct):
+    """The outcome of one event: the entity it touched and the messages to send."""
+
+    messages: list[Message]
+    entity: str | None = None
+    record: Record | None = None
+    iccid: str | None = None
+    warning: str | None = None
+
+
+# A value topic per state field that has one; the rest live only in the state JSON.
+VALUE_TOPICS = {
+    "status": "status",
+    "smdp_status": "smdp_status",
+    "eid": "eid",
+    "data_total": "data_total",
+    "data_used": "data_used",
+    "data_remaining": "data_remaining",
+    "data_remaining_percent": "data_remaining_percent",
+    "expires_at": "expires_at",
+    "validity_remaining": "validity_remaining",
+}
+
+STATE_KEYS = (
+    "iccid", "eid", "order_no", "esim_tran_no", "transaction_id", "status", "smdp_status",
+    "data_total", "data_used", "data_remaining", "data_remaining_percent", "remain_threshold",
+    "data_updated_at", "expires_at", "validity_remaining", "validity_unit", "validity_total",
+    "last_event", "last_event_at", "last_notify_id",
+)
+
+
+def iso(moment: datetime) -> str:
+    """ISO 8601 in UTC with an explicit offset; a time without a zone is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
+
+
+def text(value: Value) -> bytes:
+    """A single-value topic's payload: a plain string, no JSON quoting."""
+    if isinstance(value, float):
+        return repr(value).encode()
+    return str(value).encode()
+
+
+def percent(remain: int, total: int) -> float:
+    """`remain / total * 100` to one decimal."""
+    return round(remain / total * 100, 1)
+
+
+def esim_fields(event: SmdpEvent | EsimStatus | DataUsage | ValidityUsage) -> dict[str, Value]:
+    """The state fields an eSIM event carries (only those present)."""
+    c = event.content
+    found: dict[str, Any] = {
+        "order_no": c.order_no,
+        "esim_tran_no": c.esim_tran_no,
+        "transaction_id": c.transaction_id,
+    }
+    if isinstance(event, SmdpEvent | EsimStatus):
+        found.update(eid=event.content.eid, status=event.content.esim_status,
+                     smdp_status=event.content.smdp_status)
+    elif isinstance(event, DataUsage):
+        d = event.content
+        found.update(
+            data_total=d.total_volume,
+            data_used=d.order_usage,
+            data_remaining=d.remain,
+            remain_threshold=d.remain_threshold,
+            data_updated_at=iso(d.last_update_time) if d.last_update_time else None,
+        )
+        if d.remain is not None and d.total_volume:
+            found["data_remaining_percent"] = percent(d.remain, d.total_volume)
+    else:
+        v = event.content
+        found.update(
+            expires_at=iso(v.expired_time) if v.expired_time else None,
+            validity_remaining=v.remain,
+            validity_unit=v.duration_unit,
+            validity_total=v.total_duration,
+        )
+    return {key: value for key, value in found.items() if value is not None}
+
+
+def merge(prior: Record | None, fields: dict[str, Value], at: float) -> tuple[Record, list[str]]:
+    """Apply fields from an event at time `at`; returns the new record and what changed.
+
+    A field set by a newer event keeps its value: stale events never overwrite.
+    """
+    record = Record(dict(prior.fields), dict(prior.times)) if prior else Record()
+    applied: list[str] = []
+    for key, value in fields.items():
+        if record.times.get(key, float("-inf")) > at:
+            continue
+        record.fields[key] = value
+        record.times[key] = at
+        applied.append(key)
+    return record, applied
+
+
+def state_payload(record: Record) -> bytes:
+    """The `<base>/<iccid>/state` JSON: contract keys, in the contract's order."""
+    ordered = {key: record.fields[key] for key in STATE_KEYS if key in record.fields}
+    return msgspec.json.encode(ordered)
+
+
+def plan(
+    decoded: Decoded,
+    body: bytes,
+    prior: Record | None,
+    received_at: datetime,
+    base: str,
+) -> Plan:
+    """The messages one accepted webhook produces, given the prior record of its entity.
+
+    The caller looks the entity up with `entity_key(decoded)` before calling this.
+    """
+    notify_type = decoded.notify_type
+    event = decoded.event
+    event_topic = Message(f"{base}/event/{notify_type}", body, retain=False)
+    moment = decoded.event_time or received_at
+    at = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+    if not SEGMENT.match(notify_type):
+        return Plan([Message(f"{base}/event/{INVALID}", body, False)],
+                    warning=f"notifyType {notify_type!r} cannot be a topic segment")
+    if event is None:
+        return Plan([event_topic], warning=decoded.problem)
+
+    if isinstance(event, CheckHealth):
+        record, _ = merge(prior, {"last_health_check": iso(received_at)}, at)
+        health = Message(f"{base}/bridge/last_health_check", text(iso(received_at)), True)
+        return Plan([health, event_topic], entity="bridge", record=record)
+
+    if isinstance(event, OrderStatus):
+        order_no, status = event.content.order_no, event.content.order_status
+        if order_no is None or status is None:
+            return Plan([event_topic], warning="ORDER_STATUS without orderNo or orderStatus")
+        if not SEGMENT.match(order_no):
+            return Plan([Message(f"{base}/event/{INVALID}", body, False)],
+                        warning=f"orderNo {order_no!r} cannot be a topic segment")
+        record, applied = merge(prior, {"order_status": status}, at)
+        messages = [event_topic]
+        if applied:  # a stale ORDER_STATUS leaves the retained status alone
+            messages.insert(0, Message(f"{base}/order/{order_no}/status", status.encode(), True))
+        return Plan(messages, entity=f"order:{order_no}", record=record)
+
+    iccid = event.content.iccid
+    if iccid is None:
+        return Plan([event_topic], warning=f"{notify_type} without an iccid")
+    if not SEGMENT.match(iccid):
+        return Plan([Message(f"{base}/event/{INVALID}", body, False)],
+                    warning=f"iccid {iccid!r} cannot be a topic segment")
+
+    fields = esim_fields(event)
+    fields.update(iccid=iccid, last_event=notify_type, last_event_at=iso(moment))
+    if decoded.notify_id is not None:
+        fields["last_notify_id"] = decoded.notify_id
+    record, applied = merge(prior, fields, at)
+    prefix = f"{base}/{iccid}"
+    messages = [
+        Message(f"{prefix}/{VALUE_TOPICS[key]}", text(record.fields[key]), True)
+        for key in VALUE_TOPICS
+        if key in applied
+    ]
+    messages.append(Message(f"{prefix}/state", state_payload(record), True))
+    messages.append(Message(f"{prefix}/event", body, False))
+    messages.append(event_topic)
+    return Plan(messages, entity=f"esim:{iccid}", record=record, iccid=iccid)
+
+
+def entity_key(decoded: Decoded) -> str | None:
+    """Which record an event reads and writes, so the store can load it first."""
+    event = decoded.event
+    if event is None or not SEGMENT.match(decoded.notify_type):
+        return None
+    if isinstance(event, CheckHealth):
+        return "bridge"
+    if isinstance(event, OrderStatus):
+        order_no = event.content.order_no
+        return f"order:{order_no}" if order_no and SEGMENT.match(order_no) else None
+    iccid = event.content.iccid
+    return f"esim:{iccid}" if iccid and SEGMENT.match(iccid) else None
+
+
+def snapshot(entity: str, record: Record, base: str) -> list[Message]:
+    """Every retained message an entity's record stands for, to republish on connect."""
+    kind, _, name = entity.partition(":")
+    if kind == "esim":
+        prefix = f"{base}/{name}"
+        out = [
+            Message(f"{prefix}/{topic}", text(record.fields[key]), True)
+            for key, topic in VALUE_TOPICS.items()
+            if key in record.fields
+        ]
+        out.append(Message(f"{prefix}/state", state_payload(record), True))
+        return out
+    if kind == "order" and "order_status" in record.fields:
+        status = text(record.fields["order_status"])
+        return [Message(f"{base}/order/{name}/status", status, True)]
+    if kind == "bridge" and "last_health_check" in record.fields:
+        last = text(record.fields["last_health_check"])
+        return [Message(f"{base}/bridge/last_health_check", last, True)]
+    return []
