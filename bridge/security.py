@@ -1,0 +1,72 @@
+"""Who may post webhooks: the sender's IP and the shared token.
+
+The provider signs nothing, so the defence is an IP allow-list (its five
+sender addresses plus loopback by default) and an optional secret token in
+the URL or a header, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def _address(text: str) -> Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _inside(address: Address, nets: tuple[Network, ...]) -> bool:
+    return any(address in net for net in nets)
+
+
+class Gate:
+    """Decides, from the peer address, X-Forwarded-For and the token, whether a request
+    may post a webhook. Returns None when it may, or (status, reason) when not."""
+
+    def __init__(
+        self, allowed: Iterable[str], trusted_proxies: Iterable[str], token: str | None
+    ) -> None:
+        self.allowed = networks(allowed)
+        self.allow_all = not self.allowed
+        self.proxies = networks(trusted_proxies)
+        self.token = token.encode() if token else None
+
+    def client(self, peer: str | None, forwarded_for: str | None) -> Address | None:
+        """The real client: the peer, or, when the peer is a trusted proxy, the rightmost
+        address in X-Forwarded-For that is not a trusted proxy itself."""
+        address = _address(peer) if peer else None
+        if address is None or not forwarded_for or not _inside(address, self.proxies):
+            return address
+        chain = [_address(part) for part in forwarded_for.split(",")]
+        for hop in reversed(chain):
+            if hop is None:
+                return None  # a garbled chain from a proxy we trust: believe nobody
+            if not _inside(hop, self.proxies):
+                return hop
+        return chain[0] if chain else address
+
+    def ip_allowed(self, client: Address | None) -> bool:
+        if self.allow_all:
+            return True
+        return client is not None and _inside(client, self.allowed)
+
+    def token_ok(self, presented: str | None) -> bool:
+        if self.token is None:
+            return True
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode(), self.token)
