@@ -1,0 +1,293 @@
+"""The HTTP side: a Litestar app that takes webhooks and answers once they are stored.
+
+`create_app(config)` builds the app; its lifespan owns the resources, in the
+order data flows: the embedded broker (when no mqtt.url is set), the store,
+the publisher. Shutting down runs that order backwards, so the publisher can
+still drain the outbox and say `offline` before the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    PermissionDeniedException,
+)
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+
+from bridge import __version__, homeassistant
+from bridge.broker import EmbeddedBroker
+from bridge.config import Config
+from bridge.metrics import CONTENT_TYPE, Metrics
+from bridge.models import KNOWN_TYPES, BadWebhook, decode
+from bridge.publisher import BrokerAddress, Publisher
+from bridge.security import Gate
+from bridge.store import Discovery, OutboxFull, Store, StoreUnavailable
+from bridge.topics import Message, Record
+
+log = logging.getLogger("bridge.webhook")
+
+JSON = "application/json"
+OK = b'{"ok":true}'
+DUPLICATE = b'{"ok":true,"duplicate":true}'
+
+
+@dataclass
+class Services:
+    """Everything the lifespan starts; routes reach it through the closure."""
+
+    config: Config
+    metrics: Metrics = field(default_factory=Metrics)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    broker: EmbeddedBroker | None = None
+    store: Store | None = None
+    publisher: Publisher | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The `bridge/info` payload."""
+        store, publisher, metrics = self.store, self.publisher, self.metrics
+        return {
+            "version": __version__,
+            "started_at": self.started_at.isoformat(),
+            "counts": {
+                "webhooks_received": metrics.received,
+                "duplicates": metrics.duplicates,
+                "invalid": metrics.invalid,
+                "published": publisher.published if publisher else 0,
+                "outbox_backlog": store.backlog if store else 0,
+                "esims": store.esims if store else 0,
+            },
+        }
+
+
+def discovery_for(config: Config) -> tuple[Discovery | None, list[Message]]:
+    """The Home Assistant extension: per-entity discovery, and the bridge device's config."""
+    ha = config.homeassistant
+    if not ha.discovery:
+        return None, []
+    base = config.mqtt.base_topic
+
+    def discover(entity: str, record: Record) -> list[Message]:
+        kind, _, iccid = entity.partition(":")
+        if kind != "esim":
+            return []
+        topic, payload = homeassistant.esim_discovery(
+            iccid, record.fields, base=base, prefix=ha.prefix, version=__version__
+        )
+        return [Message(topic, payload, True)]
+
+    topic, payload = homeassistant.bridge_discovery(
+        base=base, prefix=ha.prefix, version=__version__
+    )
+    return discover, [Message(topic, payload, True)]
+
+
+def _error(status: int, message: str) -> Response[bytes]:
+    body = msgspec.json.encode({"ok": False, "error": message})
+    return Response(body, status_code=status, media_type=JSON)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    return _error(exc.status_code, exc.detail)
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error(500, "internal error; see the bridge's log")
+
+
+def create_app(config: Config) -> Litestar:
+    """The app, with its routes and a lifespan that starts and stops every resource."""
+    services = Services(config)
+    metrics = services.metrics
+    gate = Gate(config.http.allowed_ips, config.http.trusted_proxies, config.http.token)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await asyncio.to_thread(_start, services)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(_stop, services)
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        peer = connection.client.host if connection.client else None
+        client = gate.client(peer, connection.headers.get("x-forwarded-for"))
+        if not gate.ip_allowed(client):
+            metrics.count("-", "forbidden")
+            log.warning("refused a webhook from %s: not in http.allowed_ips", client)
+            raise PermissionDeniedException(f"sender {client} is not allowed (http.allowed_ips)")
+        presented = (
+            connection.path_params.get("token")
+            or connection.query_params.get("token")
+            or connection.headers.get("x-webhook-token")
+        )
+        if not gate.token_ok(presented):
+            metrics.count("-", "unauthorized")
+            log.warning("refused a webhook from %s: missing or wrong token", client)
+            raise NotAuthorizedException("missing or wrong webhook token")
+
+    async def receive(request: Request[Any, Any, Any]) -> Response[bytes]:
+        started = time.perf_counter()
+        try:
+            body = await asyncio.wait_for(request.body(), config.http.body_timeout)
+        except TimeoutError:
+            metrics.count("-", "rejected")
+            return _error(408, "the body did not arrive in time")
+        received_at = datetime.now(UTC)
+        try:
+            decoded = decode(body)
+        except BadWebhook as exc:
+            metrics.count("-", "rejected")
+            log.warning("rejected a webhook: %s", exc)
+            return _error(400, str(exc))
+        label = decoded.notify_type if decoded.notify_type in KNOWN_TYPES else "OTHER"
+        assert services.store is not None
+        try:
+            accepted = await asyncio.wrap_future(
+                services.store.submit(decoded, body, received_at)
+            )
+        except StoreUnavailable as exc:
+            metrics.count(label, "unavailable")
+            status = 503
+            log.error("%s answered 503: %s", decoded.notify_type, exc)
+            response = _error(status, str(exc))
+            if isinstance(exc, OutboxFull):
+                response.headers["Retry-After"] = "30"
+            return response
+        elapsed = time.perf_counter() - started
+        metrics.ack_seconds.observe(elapsed)
+        if accepted.duplicate:
+            outcome = "duplicate"
+        elif accepted.warning:
+            outcome = "raw"
+            metrics.warnings.inc()
+            log.warning("%s accepted raw: %s", decoded.notify_type, accepted.warning)
+        else:
+            outcome = "accepted"
+        metrics.count(label, outcome)
+        log.info("%s iccid=%s %s %.1fms", decoded.notify_type, accepted.iccid or "-", outcome,
+                 elapsed * 1000)
+        return Response(DUPLICATE if accepted.duplicate else OK, media_type=JSON)
+
+    path = config.http.path.rstrip("/")
+    limit = config.http.max_body_bytes
+    handlers: list[Any] = [
+        post(path, guards=[guard], request_max_body_size=limit, status_code=200,
+             name="webhook", summary="Receive an eSIM Access webhook")(receive),
+    ]
+    if config.http.token:
+
+        async def receive_with_token(
+            request: Request[Any, Any, Any], token: str
+        ) -> Response[bytes]:
+            return await receive(request)
+
+        handlers.append(
+            post(f"{path}/{{token:str}}", guards=[guard], request_max_body_size=limit,
+                 status_code=200, name="webhook_token", include_in_schema=False,
+                 summary="Receive a webhook, token in the path")(receive_with_token)
+        )
+
+    @get("/healthz", summary="200 while the process serves")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @get("/readyz", summary="200 when the store works and the broker is connected")
+    async def readyz() -> Response[dict[str, Any]]:
+        reasons = []
+        store, publisher = services.store, services.publisher
+        if store is None or not store.alive:
+            reasons.append("the store is not running")
+        elif store.last_error:
+            reasons.append(store.last_error)
+        if publisher is None or not publisher.connected:
+            address = publisher.address if publisher else None
+            where = f" at {address.host}:{address.port}" if address else ""
+            error = publisher.last_error if publisher else "not started"
+            reasons.append(f"not connected to the MQTT broker{where}: {error}")
+        if reasons:
+            return Response({"ready": False, "reasons": reasons}, status_code=503)
+        return Response({"ready": True, "outbox_backlog": store.backlog if store else 0})
+
+    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+    async def prometheus() -> Response[bytes]:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return Litestar(
+        route_handlers=[*handlers, healthz, readyz, prometheus],
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        openapi_config=OpenAPIConfig(title="esim-bridge", version=__version__, path="/schema"),
+        request_max_body_size=limit,
+        logging_config=None,  # the CLI configures logging; Litestar would replace the format
+        state=State({"services": services}),
+    )
+
+
+def _start(services: Services) -> None:
+    config = services.config
+    url = config.mqtt.url
+    if url is None:
+        services.broker = EmbeddedBroker(config.mqtt.embedded_listen)
+        services.broker.start()
+        url = services.broker.url
+        log.info(
+            "no mqtt.url set: using the embedded broker at %s. Point Home Assistant's MQTT "
+            "integration (and Node-RED) at %s:%d, or set mqtt.url to use a broker of your own.",
+            url, services.broker.host, services.broker.port,
+        )
+    discovery, bridge_config = discovery_for(config)
+    store = Store(
+        Path(config.store.path),
+        base=config.mqtt.base_topic,
+        dedup_hours=config.store.dedup_hours,
+        max_outbox=config.store.max_outbox,
+        synchronous=config.store.synchronous,
+        discovery=discovery,
+    )
+    store.open()
+    services.store = store
+    store.sync_discovery(bridge_config)
+    publisher = Publisher(
+        store,
+        BrokerAddress.parse(url),
+        client_id=config.mqtt.client_id,
+        base=config.mqtt.base_topic,
+        qos=config.mqtt.qos,
+        keepalive=config.mqtt.keepalive,
+        birth_topic=f"{config.homeassistant.prefix}/status" if discovery else None,
+        info=services.info,
+    )
+    services.publisher = publisher
+    services.metrics.bind(
+        backlog=lambda: store.backlog,
+        published=lambda: publisher.published,
+        connected=lambda: float(publisher.connected),
+        esims=lambda: store.esims,
+    )
+    publisher.start()
+
+
+def _stop(services: Services) -> None:
+    if services.publisher is not None:
+        services.publisher.stop(services.config.mqtt.shutdown_timeout)
+    if services.store is not None:
+        services.store.close()
+    if services.broker is not None:
+        services.broker.stop()

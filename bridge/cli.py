@@ -1,0 +1,145 @@
+"""The command line: serve, check-config, send, --version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgspec
+
+from bridge import __version__, config, examples
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> config.Config:
+    return config.load(Path(path) if path else None)
+
+
+def _print_problems(error: config.ConfigError) -> None:
+    print(f"esim-bridge: {len(error.problems)} problem(s) with the configuration:",
+          file=sys.stderr)
+    for problem in error.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args.config)
+    except config.ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    print(config.render(settings), end="")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args.config)
+    except config.ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log.level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+
+    import uvicorn
+
+    from bridge.app import create_app
+    from bridge.broker import BrokerError, EmbeddedBroker, _port_in_use
+
+    if settings.mqtt.url is None:
+        embedded = EmbeddedBroker(settings.mqtt.embedded_listen)
+        if _port_in_use(embedded.host, embedded.port):
+            try:
+                embedded.start()  # raises the explanatory BrokerError
+            except BrokerError as exc:
+                print(f"esim-bridge: {exc}", file=sys.stderr)
+                return 1
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=settings.http.host,
+            port=settings.http.port,
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
+            http="httptools",
+            loop="uvloop" if sys.platform != "win32" else "asyncio",
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=30,
+            server_header=False,
+        )
+    )
+    logging.getLogger("bridge").info(
+        "esim-bridge %s: webhooks on http://%s:%d%s", __version__, settings.http.host,
+        settings.http.port, settings.http.path,
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+def send(args: argparse.Namespace) -> int:
+    kind = args.type.upper()
+    if kind not in examples.TYPES:
+        print(f"esim-bridge: unknown type {args.type!r}; one of {', '.join(examples.TYPES)}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    body = msgspec.json.encode(examples.example(kind, args.iccid))
+    request = urllib.request.Request(
+        args.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    if args.token:
+        request.add_header("X-Webhook-Token", args.token)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        answer, status = exc.read().decode(errors="replace"), exc.code
+    except urllib.error.URLError as exc:
+        print(f"esim-bridge: cannot reach {args.url}: {exc.reason}. Is `esim-bridge serve` "
+              "running, and is --url right?", file=sys.stderr)
+        return 1
+    print(f"sent {kind} for iccid {args.iccid}: HTTP {status} {answer}")
+    return 0 if 200 <= status < 300 else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="esim-bridge",
+        description="eSIM Access webhooks in, retained MQTT state and Home Assistant "
+        "discovery out.",
+    )
+    root.add_argument("--version", action="version", version=f"esim-bridge {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("serve", help="run the webhook receiver and MQTT publisher")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    run.set_defaults(func=serve)
+
+    check = commands.add_parser("check-config", help="print the effective configuration")
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check.set_defaults(func=check_config)
+
+    post = commands.add_parser("send", help="post an example webhook to a running bridge")
+    post.add_argument("type", metavar="TYPE", help=", ".join(examples.TYPES))
+    post.add_argument("--iccid", default=examples.EXAMPLE_ICCID)
+    post.add_argument("--url", default="http://127.0.0.1:8080/webhook",
+                      help="the full webhook URL (default: %(default)s)")
+    post.add_argument("--token", help="sent as X-Webhook-Token")
+    post.set_defaults(func=send)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
