@@ -1,0 +1,369 @@
+"""Home Assistant MQTT discovery: which entities an eSIM and the bridge get.
+
+Pure functions, no I/O: "this eSIM gives this retained discovery config". The
+publisher compares the bytes with what it sent before and republishes only on a
+change, so every payload here is deterministic: same inputs, same bytes. It may
+depend only on what changes the config itself (the validity unit), never on
+volatile values (data counters, timestamps, the last event).
+
+Device-based discovery (Home Assistant 2024.11+): one retained message per
+device on ``<prefix>/device/<object_id>/config`` with ``dev``, ``o`` and
+``cmps``; every component carries ``p`` (its platform) and a stable
+``unique_id``. Entity options use their full names so a reader needs no
+abbreviation table; only the device-discovery keys the contract names
+(``dev``, ``o``, ``cmps``, ``p``) are abbreviated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "ESIM_STATUSES",
+    "EVENT_TYPES",
+    "NOTIFY_TYPES",
+    "SMDP_STATUSES",
+    "bridge_discovery",
+    "bridge_discovery_topic",
+    "esim_discovery",
+    "esim_discovery_topic",
+    "removal_topics",
+]
+
+Config = dict[str, object]
+
+ORIGIN_NAME: Final = "esim-bridge"
+SUPPORT_URL: Final = "https://github.com/esim-bridge/esim-bridge"
+MANUFACTURER: Final = "eSIM Access"
+BRIDGE_OBJECT_ID: Final = "esim_bridge"
+
+# The values the provider documents (PROVIDER.md). Anything else must show as
+# unknown in Home Assistant, never break the entity.
+ESIM_STATUSES: Final = (
+    "GOT_RESOURCE",
+    "IN_USE",
+    "USED_UP",
+    "USED_EXPIRED",
+    "UNUSED_EXPIRED",
+    "CANCEL",
+    "REVOKED",
+)
+SMDP_STATUSES: Final = ("DOWNLOAD", "INSTALLATION", "ENABLED", "DISABLED", "DELETED", "RELEASED")
+NOTIFY_TYPES: Final = (
+    "CHECK_HEALTH",
+    "ORDER_STATUS",
+    "SMDP_EVENT",
+    "ESIM_STATUS",
+    "DATA_USAGE",
+    "VALIDITY_USAGE",
+)
+# An SMDP_EVENT fires as its smdpStatus, every other webhook as its notifyType.
+EVENT_TYPES: Final = NOTIFY_TYPES + SMDP_STATUSES
+
+# Provider durationUnit -> Home Assistant duration unit (UnitOfTime values).
+_DURATION_UNITS: Final = MappingProxyType({"DAY": "d", "HOUR": "h", "MINUTE": "min", "SECOND": "s"})
+_DEFAULT_VALIDITY_UNIT: Final = "DAY"  # the only unit the provider documents
+
+# The MQTT sensor turns the rendered string "None" into an unknown state
+# (PAYLOAD_NONE in homeassistant/components/mqtt/sensor.py); the MQTT event
+# entity ignores it quietly. Templates map what they cannot use to it.
+_NONE: Final = "None"
+
+_DIAGNOSTIC: Final = MappingProxyType({"entity_category": "diagnostic"})
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def esim_discovery_topic(iccid: str, *, prefix: str) -> str:
+    """Discovery topic of one eSIM's device; an empty retained payload removes it."""
+    return f"{prefix}/device/esim_{_segment(iccid)}/config"
+
+
+def bridge_discovery_topic(*, prefix: str) -> str:
+    """Discovery topic of the bridge's own device."""
+    return f"{prefix}/device/{BRIDGE_OBJECT_ID}/config"
+
+
+def removal_topics(iccids: Iterable[str], *, prefix: str) -> list[str]:
+    """Topics to clear (empty retained payload) when discovery is turned off.
+
+    Home Assistant removes every component of a device-based config when its
+    topic gets an empty payload, so one message per device is enough.
+    """
+    return [bridge_discovery_topic(prefix=prefix)] + [
+        esim_discovery_topic(iccid, prefix=prefix) for iccid in sorted(set(iccids))
+    ]
+
+
+def esim_discovery(
+    iccid: str, state: Mapping[str, object], *, base: str, prefix: str, version: str
+) -> tuple[str, bytes]:
+    """(topic, retained payload) of the device-based discovery config for one eSIM."""
+    topic = esim_discovery_topic(iccid, prefix=prefix)
+    root = f"{base}/{iccid}"
+    uid = f"esim_{iccid}"
+    avail = _availability(base)
+
+    def sensor(key: str, name: str, options: Config, state_topic: str = "") -> Config:
+        return _entity("sensor", uid, key, name, state_topic or f"{root}/{key}", options, avail)
+
+    validity = _validity_unit(state.get("validity_unit"))
+    cmps: Config = {
+        "status": sensor("status", "Status", _enum(ESIM_STATUSES, "mdi:sim")),
+        "smdp_status": sensor(
+            "smdp_status",
+            "SM-DP+ status",
+            {**_enum(SMDP_STATUSES, "mdi:cloud-download-outline"), **_DIAGNOSTIC},
+        ),
+        "data_remaining": sensor(
+            "data_remaining", "Data remaining", _data_size("mdi:signal-cellular-3")
+        ),
+        "data_used": sensor("data_used", "Data used", _data_size("mdi:chart-donut")),
+        "data_total": sensor("data_total", "Data total", _data_size("mdi:database")),
+        "data_remaining_percent": sensor(
+            "data_remaining_percent",
+            "Data remaining percent",
+            {
+                "unit_of_measurement": "%",
+                "state_class": "measurement",
+                "suggested_display_precision": 1,
+                "icon": "mdi:gauge",
+            },
+        ),
+        "expires_at": sensor(
+            "expires_at",
+            "Expires",
+            {"device_class": "timestamp", "icon": "mdi:calendar-clock"},
+        ),
+        "validity_remaining": sensor(
+            "validity_remaining",
+            "Validity remaining",
+            {**validity, "state_class": "measurement", "icon": "mdi:timer-sand"},
+        ),
+        "last_event": _entity(
+            "event",
+            uid,
+            "last_event",
+            "Last event",
+            f"{root}/event",
+            {
+                "event_types": list(EVENT_TYPES),
+                "value_template": _EVENT_TEMPLATE,
+                "icon": "mdi:webhook",
+            },
+            avail,
+        ),
+        "eid": sensor("eid", "EID", {"icon": "mdi:identifier", **_DIAGNOSTIC}),
+        "order_no": sensor(
+            "order_no",
+            "Order number",
+            {
+                "value_template": _json_field_template("order_no"),
+                "icon": "mdi:receipt-text-outline",
+                **_DIAGNOSTIC,
+            },
+            state_topic=f"{root}/state",
+        ),
+    }
+    device: Config = {
+        "identifiers": [uid],
+        "name": f"eSIM …{iccid[-4:]}",
+        "manufacturer": MANUFACTURER,
+        "model": "eSIM",
+        "serial_number": iccid,
+        "via_device": BRIDGE_OBJECT_ID,
+    }
+    return topic, _encode(device, version, cmps)
+
+
+def bridge_discovery(*, base: str, prefix: str, version: str) -> tuple[str, bytes]:
+    """(topic, payload) for the bridge's own device: f"{prefix}/device/esim_bridge/config"."""
+    root = f"{base}/bridge"
+    uid = BRIDGE_OBJECT_ID
+    avail = _availability(base)
+    cmps: Config = {
+        # No availability on purpose: it would read this very topic, and an
+        # unavailable entity could never show "disconnected".
+        "connectivity": _entity(
+            "binary_sensor",
+            uid,
+            "connectivity",
+            "Connectivity",
+            f"{root}/state",
+            {"device_class": "connectivity", "payload_on": "online", "payload_off": "offline"},
+            {},
+        ),
+        "last_health_check": _entity(
+            "sensor",
+            uid,
+            "last_health_check",
+            "Last health check",
+            f"{root}/last_health_check",
+            {
+                "device_class": "timestamp",
+                "icon": "mdi:heart-pulse",
+                "entity_category": "diagnostic",
+            },
+            avail,
+        ),
+        "webhooks_received": _entity(
+            "sensor",
+            uid,
+            "webhooks_received",
+            "Webhooks received",
+            f"{root}/info",
+            {
+                "value_template": _count_template("webhooks_received"),
+                "state_class": "total_increasing",
+                "icon": "mdi:webhook",
+            },
+            avail,
+        ),
+        "outbox_backlog": _entity(
+            "sensor",
+            uid,
+            "outbox_backlog",
+            "Outbox backlog",
+            f"{root}/info",
+            {
+                "value_template": _count_template("outbox_backlog"),
+                "state_class": "measurement",
+                "icon": "mdi:tray-full",
+                "entity_category": "diagnostic",
+            },
+            avail,
+        ),
+    }
+    device: Config = {
+        "identifiers": [uid],
+        "name": "eSIM bridge",
+        "manufacturer": ORIGIN_NAME,
+        "model": "esim-bridge",
+        "sw_version": version,
+    }
+    return bridge_discovery_topic(prefix=prefix), _encode(device, version, cmps)
+
+
+def _encode(device: Config, version: str, cmps: Config) -> bytes:
+    """Compact JSON in the order built, so equal inputs give equal bytes."""
+    origin: Config = {"name": ORIGIN_NAME, "sw_version": version, "support_url": SUPPORT_URL}
+    return msgspec.json.encode({"dev": device, "o": origin, "cmps": cmps})
+
+
+def _availability(base: str) -> Config:
+    """Every entity goes unavailable with the bridge (its last will says offline)."""
+    return {
+        "availability_topic": f"{base}/bridge/state",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+    }
+
+
+def _entity(
+    platform: str,
+    uid: str,
+    key: str,
+    name: str,
+    state_topic: str,
+    options: Config,
+    availability: Config,
+) -> Config:
+    """One component: platform first, then identity, topic, options, availability."""
+    return {
+        "p": platform,
+        "name": name,
+        "unique_id": f"{uid}_{key}",
+        "state_topic": state_topic,
+        **options,
+        **availability,
+    }
+
+
+def _enum(options: tuple[str, ...], icon: str) -> Config:
+    """An enum sensor whose unknown values show as unknown instead of failing."""
+    return {
+        "device_class": "enum",
+        "options": list(options),
+        "value_template": _enum_template(options),
+        "icon": icon,
+    }
+
+
+def _data_size(icon: str) -> Config:
+    """A byte counter: the topic holds an integer; Home Assistant can convert the unit."""
+    return {
+        "device_class": "data_size",
+        "unit_of_measurement": "B",
+        "state_class": "measurement",
+        "suggested_display_precision": 0,
+        "icon": icon,
+    }
+
+
+def _validity_unit(unit: object) -> Config:
+    """Unit of validity remaining: a duration when the provider's unit is known.
+
+    An unknown unit keeps its own name and drops the device class, whose unit
+    list Home Assistant enforces.
+    """
+    name = unit.strip().upper() if isinstance(unit, str) else ""
+    name = name or _DEFAULT_VALIDITY_UNIT
+    if name in _DURATION_UNITS:
+        return {"device_class": "duration", "unit_of_measurement": _DURATION_UNITS[name]}
+    return {"unit_of_measurement": name.lower()}
+
+
+def _jinja_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _enum_template(options: Iterable[str]) -> str:
+    """Pass known values through, turn anything else into unknown.
+
+    Home Assistant raises for an enum sensor state outside ``options``
+    (recent MQTT versions drop it and keep the stale state instead); "None"
+    makes it ``unknown`` either way.
+    """
+    return f"{{{{ value if value in {_jinja_list(options)} else '{_NONE}' }}}}"
+
+
+def _json_field_template(key: str) -> str:
+    """One field of the JSON state topic; unknown while the field is missing."""
+    return (
+        f"{{{{ value_json.{key} if value_json is defined and value_json.{key} is defined"
+        f" and value_json.{key} is not none else '{_NONE}' }}}}"
+    )
+
+
+def _count_template(key: str) -> str:
+    """One counter of bridge/info; unknown if the JSON does not carry it."""
+    return (
+        f"{{{{ value_json.counts.{key} if value_json is defined and value_json.counts"
+        f" is mapping and value_json.counts.{key} is number else '{_NONE}' }}}}"
+    )
+
+
+# The MQTT event entity wants a JSON object with "event_type"; the rest of the
+# object becomes the event's attributes, so the whole webhook body is kept.
+_EVENT_TEMPLATE: Final = (
+    "{%- set b = value_json if value_json is defined and value_json is mapping else {} -%}"
+    "{%- set c = b.content if b.content is mapping else {} -%}"
+    "{%- set n = b.notifyType if b.notifyType is string else '' -%}"
+    "{%- set s = c.smdpStatus if c.smdpStatus is string else '' -%}"
+    f"{{%- set t = s if n == 'SMDP_EVENT' and s in {_jinja_list(SMDP_STATUSES)}"
+    f" else (n if n in {_jinja_list(NOTIFY_TYPES)} else '') -%}}"
+    f"{{{{ dict(b, event_type=t) | to_json if t else '{_NONE}' }}}}"
+)
+
+
+def _segment(value: str) -> str:
+    """An ICCID becomes a topic segment and an object id: refuse what HA would reject."""
+    if not _SEGMENT.fullmatch(value):
+        raise ValueError(
+            f"iccid {value!r} cannot be a topic segment: it must match [A-Za-z0-9_-]{{1,64}}"
+        )
+    return value
