@@ -1,0 +1,253 @@
+"""End to end: every provider fixture over real HTTP gives exactly the contract's topics
+on a real Mosquitto, from a real `esim-bridge serve` process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import Mosquitto
+from tests.processes import BridgeProcess, Watcher, fixture, retained
+
+IGNORED = ("esim/bridge/info",)
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[BridgeProcess]:
+    process = BridgeProcess(tmp_path / "bridge", mosquitto.url,
+                            {"homeassistant": {"discovery": False}}).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _published(watcher: Watcher) -> list[tuple[str, bytes, bool]]:
+    watcher.settle(quiet=0.7)
+    return [m for m in watcher.messages
+            if not m[0].startswith(IGNORED) and m[0] != "esim/bridge/state"]
+
+
+def test_data_usage_gives_exactly_the_contract_topics(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = fixture("data_usage")
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        watcher.settle()
+        watcher.messages.clear()
+        answer = bridge.post(body)
+        assert (answer.status, answer.json()) == (200, {"ok": True})
+        got = {topic: (payload, retain) for topic, payload, retain in _published(watcher)}
+    iccid = "8943108170001029631"
+    assert got == {
+        f"esim/{iccid}/data_total": (b"53687091200", True),
+        f"esim/{iccid}/data_used": (b"48335585458", True),
+        f"esim/{iccid}/data_remaining": (b"5351505742", True),
+        f"esim/{iccid}/data_remaining_percent": (b"10.0", True),
+        f"esim/{iccid}/state": (got[f"esim/{iccid}/state"][0], True),
+        f"esim/{iccid}/event": (body, False),
+        "esim/event/DATA_USAGE": (body, False),
+    }
+    state = json.loads(got[f"esim/{iccid}/state"][0])
+    assert state == {
+        "iccid": iccid,
+        "order_no": "B25052822150009",
+        "esim_tran_no": "25052822150009",
+        "transaction_id": "unique_id_from_partner",
+        "data_total": 53687091200,
+        "data_used": 48335585458,
+        "data_remaining": 5351505742,
+        "data_remaining_percent": 10.0,
+        "remain_threshold": 0.1,
+        "data_updated_at": "2025-07-21T09:38:25+00:00",
+        "last_event": "DATA_USAGE",
+        "last_event_at": "2025-07-21T10:57:28+00:00",
+        "last_notify_id": "f776267e8d6745db8cc316e4c146ea0c",
+    }
+
+
+EXPECTED: dict[str, dict[str, bytes | None]] = {
+    # topic -> payload (None: checked elsewhere, must exist)
+    "smdp_event": {
+        "esim/8997250230000292199/status": b"GOT_RESOURCE",
+        "esim/8997250230000292199/smdp_status": b"DOWNLOAD",
+        "esim/8997250230000292199/eid": b"89049032007108882600137544319616",
+        "esim/8997250230000292199/state": None,
+    },
+    "esim_status": {
+        "esim/89852000263413436720/status": b"CANCEL",
+        "esim/89852000263413436720/smdp_status": b"RELEASED",
+        "esim/89852000263413436720/state": None,
+    },
+    "validity_usage": {
+        "esim/894310817000000003/expires_at": b"2024-01-11T08:10:19+00:00",
+        "esim/894310817000000003/validity_remaining": b"1",
+        "esim/894310817000000003/state": None,
+    },
+    "order_status": {"esim/order/B23072016497499/status": b"GOT_RESOURCE"},
+    "check_health": {"esim/bridge/last_health_check": None},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_fixture_gives_its_topics(
+    name: str, bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = fixture(name)
+    notify_type = json.loads(body)["notifyType"]
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        watcher.settle()
+        watcher.messages.clear()
+        assert bridge.post(body).status == 200
+        published = _published(watcher)
+    retained_topics = {t: p for t, p, r in published if r}
+    events = {t: p for t, p, r in published if not r}
+    assert set(retained_topics) == set(EXPECTED[name])
+    for topic, payload in EXPECTED[name].items():
+        if payload is not None:
+            assert retained_topics[topic] == payload, topic
+    expected_events = {f"esim/event/{notify_type}": body}
+    if name in ("smdp_event", "esim_status", "validity_usage"):
+        iccid = json.loads(body)["content"]["iccid"]
+        expected_events[f"esim/{iccid}/event"] = body
+    assert events == expected_events
+
+
+def test_health_check_time_is_iso_utc(bridge: BridgeProcess, mosquitto: Mosquitto) -> None:
+    with Watcher(mosquitto.port, ["esim/bridge/last_health_check"]) as watcher:
+        assert bridge.post(fixture("check_health")).status == 200
+        stamp = watcher.wait_for("esim/bridge/last_health_check").decode()
+    assert stamp.endswith("+00:00") and "T" in stamp
+
+
+def test_duplicate_is_answered_and_published_once(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = fixture("smdp_event")
+    with Watcher(mosquitto.port, ["esim/event/#"]) as watcher:
+        first = bridge.post(body)
+        again = bridge.post(body)
+        watcher.settle(quiet=0.7)
+        assert first.json() == {"ok": True}
+        assert again.json() == {"ok": True, "duplicate": True}
+        assert len(watcher.payloads("esim/event/SMDP_EVENT")) == 1
+
+
+def test_same_body_without_notify_id_is_a_duplicate(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = fixture("validity_usage")  # no notifyId: the body's hash is the key
+    assert bridge.post(body).json() == {"ok": True}
+    assert bridge.post(body).json() == {"ok": True, "duplicate": True}
+    changed = body.replace(b'"remain": 1', b'"remain": 2')
+    assert bridge.post(changed).json() == {"ok": True}
+
+
+def test_older_event_does_not_overwrite_newer_state(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    iccid = "8997250230000292199"
+    newer = json.loads(fixture("smdp_event"))
+    newer["notifyId"] = "newer"
+    newer["eventGenerateTime"] = "2025-09-11T14:00:00+0000"
+    newer["content"].update(esimStatus="IN_USE", smdpStatus="ENABLED")
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        assert bridge.post(json.dumps(newer).encode()).status == 200
+        watcher.wait_for(f"esim/{iccid}/status", b"IN_USE")
+        assert bridge.post(fixture("smdp_event")).status == 200  # 13:28, GOT_RESOURCE/DOWNLOAD
+        watcher.wait_for("esim/event/SMDP_EVENT", fixture("smdp_event"))
+        watcher.settle()
+        assert watcher.payloads(f"esim/{iccid}/status") == [b"IN_USE"]
+        assert watcher.payloads(f"esim/{iccid}/smdp_status") == [b"ENABLED"]
+        assert len(watcher.payloads(f"esim/{iccid}/event")) == 2  # stale events still flow
+    state = json.loads(retained(mosquitto.port, f"esim/{iccid}/state")[f"esim/{iccid}/state"])
+    assert state["status"] == "IN_USE"
+    assert state["last_notify_id"] == "newer"
+
+
+def test_unknown_type_and_misshapen_content_are_published_raw(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    unknown = b'{"notifyType":"NEW_THING","content":{"iccid":"8943108170001029631"}}'
+    misshapen = b'{"notifyType":"DATA_USAGE","content":{"iccid":"8943","totalVolume":"lots"}}'
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        assert bridge.post(unknown).json() == {"ok": True}
+        assert bridge.post(misshapen).json() == {"ok": True}
+        watcher.wait_for("esim/event/NEW_THING", unknown)
+        watcher.wait_for("esim/event/DATA_USAGE", misshapen)
+        watcher.settle()
+        assert not [t for t, _, _ in watcher.messages if t.startswith("esim/8943")]
+    metrics = bridge.get("/metrics").body.decode()
+    assert "esim_bridge_warnings_total 2.0" in metrics
+
+
+def test_numbers_as_strings_are_converted(bridge: BridgeProcess, mosquitto: Mosquitto) -> None:
+    body = json.loads(fixture("data_usage"))
+    body["notifyId"] = "as-strings"
+    body["content"].update(totalVolume="53687091200", remain="5351505742", orderUsage="1")
+    with Watcher(mosquitto.port, ["esim/+/data_remaining"]) as watcher:
+        assert bridge.post(json.dumps(body).encode()).status == 200
+        assert watcher.wait_for("esim/8943108170001029631/data_remaining") == b"5351505742"
+
+
+@pytest.mark.parametrize(
+    ("value", "segment"),
+    [("iccid", "89#43"), ("iccid", "../x"), ("iccid", "8" * 65), ("notifyType", "A/B")],
+)
+def test_bad_topic_segment_goes_to_invalid(
+    value: str, segment: str, bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = json.loads(fixture("esim_status"))
+    body["notifyId"] = f"bad-{value}-{len(segment)}-{segment[:2]}"
+    if value == "iccid":
+        body["content"]["iccid"] = segment
+    else:
+        body["notifyType"] = segment
+    raw = json.dumps(body).encode()
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        watcher.settle()
+        watcher.messages.clear()
+        assert bridge.post(raw).json() == {"ok": True}
+        published = _published(watcher)
+    assert [(t, p) for t, p, _ in published] == [("esim/event/INVALID", raw)]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"content": {}}', "notifyType"),
+        (b'{"notifyType": 7}', "notifyType"),
+        (b'{"notifyType": "X", "c": "\xff"}', "UTF-8"),
+        (b"[" * 5000 + b"]" * 5000, "JSON object"),
+        (b'{"notifyType": "X", "notifyId": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+    ],
+)
+def test_bad_bodies_get_400_naming_the_problem(
+    body: bytes, fragment: str, bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+        watcher.settle()
+        watcher.messages.clear()
+        answer = bridge.post(body)
+        assert answer.status == 400
+        assert answer.json()["ok"] is False
+        assert fragment in answer.json()["error"]
+        watcher.settle(quiet=0.3)
+        assert [t for t, _, _ in watcher.messages if t.startswith("esim/event")] == []
+
+
+def test_health_ready_metrics_schema(bridge: BridgeProcess) -> None:
+    assert bridge.get("/healthz").status == 200
+    ready = bridge.get("/readyz")
+    assert ready.status == 200 and ready.json()["ready"] is True
+    bridge.post(fixture("data_usage"))
+    metrics = bridge.get("/metrics").body.decode()
+    assert 'esim_bridge_webhooks_total{notify_type="DATA_USAGE",outcome="accepted"} 1.0' in metrics
+    assert "esim_bridge_outbox_backlog" in metrics
+    schema = bridge.get("/schema/openapi.json")
+    assert schema.status == 200 and "/webhook" in schema.json()["paths"]
