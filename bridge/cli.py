@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import FrameType
 
 import msgspec
 
@@ -62,7 +63,15 @@ def serve(args: argparse.Namespace) -> int:
             except BrokerError as exc:
                 print(f"esim-bridge: {exc}", file=sys.stderr)
                 return 1
-    server = uvicorn.Server(
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully, which makes
+        the exit status -15; a stop that was asked for and done cleanly exits 0 here."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    server = Server(
         uvicorn.Config(
             create_app(settings),
             host=settings.http.host,

@@ -1,0 +1,204 @@
+"""The pure mapping: this event, on top of this record, gives these messages."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from bridge.models import decode
+from bridge.topics import Message, Record, entity_key, iso, percent, plan, snapshot
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def body(notify_type: str, content: dict[str, object], **top: object) -> bytes:
+    return json.dumps({"notifyType": notify_type, **top, "content": content}).encode()
+
+
+def run(raw: bytes, prior: Record | None = None, base: str = "esim") -> tuple[dict[str, bytes],
+                                                                               list[Message]]:
+    result = plan(decode(raw), raw, prior, NOW, base)
+    retained = {m.topic: m.payload for m in result.messages if m.retain}
+    return retained, result.messages
+
+
+ICCID = "8943108170001029631"
+P = f"esim/{ICCID}"
+
+# notify type, content -> retained value topics expected (besides state)
+CASES: list[tuple[str, dict[str, object], dict[str, bytes]]] = [
+    ("DATA_USAGE", {"iccid": ICCID, "totalVolume": 1000, "orderUsage": 900, "remain": 100},
+     {f"{P}/data_total": b"1000", f"{P}/data_used": b"900", f"{P}/data_remaining": b"100",
+      f"{P}/data_remaining_percent": b"10.0"}),
+    # zero total: no percent, no division by zero
+    ("DATA_USAGE", {"iccid": ICCID, "totalVolume": 0, "remain": 0},
+     {f"{P}/data_total": b"0", f"{P}/data_remaining": b"0"}),
+    # only remain: no percent without a total
+    ("DATA_USAGE", {"iccid": ICCID, "remain": 5}, {f"{P}/data_remaining": b"5"}),
+    # huge numbers stay exact integers
+    ("DATA_USAGE", {"iccid": ICCID, "totalVolume": 2**62, "remain": 2**61},
+     {f"{P}/data_total": str(2**62).encode(), f"{P}/data_remaining": str(2**61).encode(),
+      f"{P}/data_remaining_percent": b"50.0"}),
+    # numbers as strings
+    ("DATA_USAGE", {"iccid": ICCID, "totalVolume": "3", "remain": "1"},
+     {f"{P}/data_total": b"3", f"{P}/data_remaining": b"1",
+      f"{P}/data_remaining_percent": b"33.3"}),
+    ("SMDP_EVENT", {"iccid": ICCID, "eid": "E1", "esimStatus": "IN_USE", "smdpStatus": "ENABLED"},
+     {f"{P}/eid": b"E1", f"{P}/status": b"IN_USE", f"{P}/smdp_status": b"ENABLED"}),
+    # an unknown status value is published as is
+    ("ESIM_STATUS", {"iccid": ICCID, "esimStatus": "SOMETHING_NEW"},
+     {f"{P}/status": b"SOMETHING_NEW"}),
+    ("ESIM_STATUS", {"iccid": ICCID}, {}),
+    ("VALIDITY_USAGE", {"iccid": ICCID, "expiredTime": "2024-01-11T08:10:19+0000", "remain": 1,
+                        "durationUnit": "DAY", "totalDuration": 30},
+     {f"{P}/expires_at": b"2024-01-11T08:10:19+00:00", f"{P}/validity_remaining": b"1"}),
+    # a time without a zone is taken as UTC
+    ("VALIDITY_USAGE", {"iccid": ICCID, "expiredTime": "2024-01-11T08:10:19"},
+     {f"{P}/expires_at": b"2024-01-11T08:10:19+00:00"}),
+]
+
+
+@pytest.mark.parametrize(("notify_type", "content", "values"), CASES)
+def test_value_topics(notify_type: str, content: dict[str, object],
+                      values: dict[str, bytes]) -> None:
+    raw = body(notify_type, content)
+    retained, messages = run(raw)
+    assert retained == {**values, f"{P}/state": retained[f"{P}/state"]}
+    assert [(m.topic, m.payload) for m in messages if not m.retain] == [
+        (f"{P}/event", raw), (f"esim/event/{notify_type}", raw),
+    ]
+    state = json.loads(retained[f"{P}/state"])
+    assert state["iccid"] == ICCID and state["last_event"] == notify_type
+
+
+def test_value_topics_come_before_state_and_events() -> None:
+    _, messages = run((FIXTURES / "data_usage.json").read_bytes())
+    kinds = [m.topic.rsplit("/", 1)[1] for m in messages]
+    assert kinds[-3:] == ["state", "event", "DATA_USAGE"]
+
+
+def test_state_keys_are_the_contracts_and_times_are_iso_utc() -> None:
+    raw = (FIXTURES / "data_usage.json").read_bytes()
+    retained, _ = run(raw)
+    state = json.loads(retained[f"{P}/state"])
+    assert list(state) == ["iccid", "order_no", "esim_tran_no", "transaction_id", "data_total",
+                           "data_used", "data_remaining", "data_remaining_percent",
+                           "remain_threshold", "data_updated_at", "last_event",
+                           "last_event_at", "last_notify_id"]
+    assert state["data_updated_at"] == "2025-07-21T09:38:25+00:00"
+    assert state["last_event_at"] == "2025-07-21T10:57:28+00:00"
+
+
+def test_event_without_time_counts_as_received_now() -> None:
+    raw = (FIXTURES / "validity_usage.json").read_bytes()
+    retained, _ = run(raw)
+    state = json.loads(retained["esim/894310817000000003/state"])
+    assert state["last_event_at"] == iso(NOW)
+
+
+def test_stale_event_keeps_newer_fields_and_merges_the_rest() -> None:
+    newer = body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": "IN_USE"},
+                 eventGenerateTime="2025-01-02T00:00:00Z", notifyId="n2")
+    older = body("SMDP_EVENT", {"iccid": ICCID, "esimStatus": "GOT_RESOURCE", "eid": "E1"},
+                 eventGenerateTime="2025-01-01T00:00:00Z", notifyId="n1")
+    first = plan(decode(newer), newer, None, NOW, "esim")
+    retained, messages = run(older, first.record)
+    # the status the newer event set stays; the eid nobody had set is taken
+    assert f"{P}/status" not in retained
+    assert retained[f"{P}/eid"] == b"E1"
+    state = json.loads(retained[f"{P}/state"])
+    assert state["status"] == "IN_USE"
+    assert state["eid"] == "E1"
+    assert state["last_notify_id"] == "n2" and state["last_event"] == "ESIM_STATUS"
+    # the stale event still goes to the event topics
+    assert [m.topic for m in messages if not m.retain] == [f"{P}/event", "esim/event/SMDP_EVENT"]
+
+
+def test_same_time_overwrites() -> None:
+    at = "2025-01-01T00:00:00Z"
+    a = body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": "A"}, eventGenerateTime=at)
+    b = body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": "B"}, eventGenerateTime=at)
+    first = plan(decode(a), a, None, NOW, "esim")
+    retained, _ = run(b, first.record)
+    assert retained[f"{P}/status"] == b"B"
+
+
+def test_order_status_and_stale_order_status() -> None:
+    new = body("ORDER_STATUS", {"orderNo": "B1", "orderStatus": "GOT_RESOURCE"},
+               eventGenerateTime="2025-01-02T00:00:00Z")
+    old = body("ORDER_STATUS", {"orderNo": "B1", "orderStatus": "PROCESSING"},
+               eventGenerateTime="2025-01-01T00:00:00Z")
+    first = plan(decode(new), new, None, NOW, "esim")
+    assert [(m.topic, m.payload, m.retain) for m in first.messages] == [
+        ("esim/order/B1/status", b"GOT_RESOURCE", True), ("esim/event/ORDER_STATUS", new, False)]
+    retained, messages = run(old, first.record)
+    assert retained == {}
+    assert [m.topic for m in messages] == ["esim/event/ORDER_STATUS"]
+
+
+def test_check_health_publishes_only_health_and_event() -> None:
+    raw = (FIXTURES / "check_health.json").read_bytes()
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert [(m.topic, m.payload, m.retain) for m in result.messages] == [
+        ("esim/bridge/last_health_check", iso(NOW).encode(), True),
+        ("esim/event/CHECK_HEALTH", raw, False),
+    ]
+
+
+@pytest.mark.parametrize("bad", ["89 43", "89/43", "#", "+", "", "x" * 65, "ÄÖ"])
+def test_bad_segments_go_to_invalid(bad: str) -> None:
+    raw = body("ESIM_STATUS", {"iccid": bad, "esimStatus": "IN_USE"})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert [(m.topic, m.retain) for m in result.messages] == [("esim/event/INVALID", False)]
+    assert result.warning and result.record is None
+    assert entity_key(decode(raw)) is None
+
+
+def test_bad_order_no_and_notify_type_go_to_invalid() -> None:
+    raw = body("ORDER_STATUS", {"orderNo": "a/b", "orderStatus": "X"})
+    assert [m.topic for m in plan(decode(raw), raw, None, NOW, "esim").messages] == [
+        "esim/event/INVALID"]
+    raw = body("NEW TYPE", {"iccid": ICCID})
+    assert [m.topic for m in plan(decode(raw), raw, None, NOW, "esim").messages] == [
+        "esim/event/INVALID"]
+
+
+def test_unknown_type_is_raw_on_its_event_topic() -> None:
+    raw = body("SOMETHING_ELSE", {"iccid": ICCID})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert [(m.topic, m.payload) for m in result.messages] == [("esim/event/SOMETHING_ELSE", raw)]
+    assert result.warning
+
+
+def test_missing_iccid_publishes_only_the_event() -> None:
+    raw = body("DATA_USAGE", {"remain": 5})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert [m.topic for m in result.messages] == ["esim/event/DATA_USAGE"]
+
+
+def test_base_topic_is_used_everywhere() -> None:
+    raw = (FIXTURES / "smdp_event.json").read_bytes()
+    result = plan(decode(raw), raw, None, NOW, "home/esim")
+    assert all(m.topic.startswith("home/esim/") for m in result.messages)
+
+
+@pytest.mark.parametrize(("remain", "total", "expected"),
+                         [(1, 3, 33.3), (2, 3, 66.7), (0, 5, 0.0), (5, 5, 100.0), (1, 2000, 0.1)])
+def test_percent_one_decimal(remain: int, total: int, expected: float) -> None:
+    assert percent(remain, total) == expected
+
+
+@pytest.mark.parametrize("name", ["data_usage", "smdp_event", "esim_status", "validity_usage",
+                                  "order_status", "check_health"])
+def test_snapshot_equals_the_retained_state_plan_left(name: str) -> None:
+    """What is republished on connect is exactly what the last events left retained."""
+    raw = (FIXTURES / f"{name}.json").read_bytes()
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert result.entity is not None and result.record is not None
+    retained = {m.topic: m.payload for m in result.messages if m.retain}
+    again = {m.topic: m.payload for m in snapshot(result.entity, result.record, "esim")}
+    assert again == retained
