@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
@@ -130,6 +130,15 @@ def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
     return decoded
 
 
+def _shown(section: str, key: str, value: Any) -> str:
+    """A value as a problem message quotes it: secrets masked, as `render` does."""
+    if (section, key) in SECRET_KEYS:
+        return "'***'"
+    if (section, key) == ("mqtt", "url") and isinstance(value, str):
+        return repr(mask_url(value))
+    return repr(value)
+
+
 def _collect(
     path: Path | None, environ: Mapping[str, str], problems: list[str]
 ) -> dict[str, dict[str, Any]]:
@@ -153,7 +162,7 @@ def _collect(
             try:
                 converted = msgspec.convert(value, types[key], strict=True)
             except msgspec.ValidationError as exc:
-                problems.append(f"{section}.{key} = {value!r}: {exc}")
+                problems.append(f"{section}.{key} = {_shown(section, key, value)}: {exc}")
                 continue
             merged.setdefault(section, {})[key] = converted
 
@@ -171,7 +180,7 @@ def _collect(
         try:
             converted = msgspec.convert(_env_value(value, types[key]), types[key], strict=False)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            problems.append(f"{name}={value!r} (key {section}.{key}): {exc}")
+            problems.append(f"{name}={_shown(section, key, value)} (key {section}.{key}): {exc}")
             continue
         merged.setdefault(section, {})[key] = converted
     return merged
@@ -188,8 +197,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if not config.http.path.startswith("/") or config.http.path.rstrip("/") == "":
         problems.append(f"http.path = {config.http.path!r}: must start with / and not be /")
     if config.mqtt.url is not None:
-        parts = urlsplit(config.mqtt.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        parts = _split(config.mqtt.url)
+        if parts is None or parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             problems.append(
                 f"mqtt.url = {mask_url(config.mqtt.url)!r}: expected "
                 "mqtt://[user:pass@]host[:port] or mqtts://..."
@@ -229,9 +238,19 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     return config
 
 
+def _split(url: str) -> SplitResult | None:
+    try:
+        return urlsplit(url)
+    except ValueError:  # an unclosed [ or a bad IPv6 host
+        return None
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced, safe to print."""
-    parts = urlsplit(url)
+    parts = _split(url)
+    if parts is None:  # not parsable: hide everything before the last @
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)

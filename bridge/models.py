@@ -10,9 +10,14 @@ has a type we do not know, is still accepted and published raw.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
 import msgspec
+
+# The store keeps state as msgpack, which holds 64-bit integers: a larger number does
+# not fit the struct, so such a body is accepted raw instead of failing to store.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Content(msgspec.Struct, rename="camel", kw_only=True):
@@ -41,18 +46,18 @@ class SmdpContent(EsimContent):
 
 
 class DataUsageContent(EsimContent):
-    total_volume: int | None = None
-    order_usage: int | None = None
-    remain: int | None = None
+    total_volume: Int64 | None = None
+    order_usage: Int64 | None = None
+    remain: Int64 | None = None
     last_update_time: datetime | None = None
     remain_threshold: float | None = None
 
 
 class ValidityContent(EsimContent):
     duration_unit: str | None = None
-    total_duration: int | None = None
+    total_duration: Int64 | None = None
     expired_time: datetime | None = None
-    remain: int | None = None
+    remain: Int64 | None = None
 
 
 class CheckHealth(_Webhook, tag="CHECK_HEALTH"):
@@ -123,6 +128,26 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
+def _time_without_utc(event: Webhook) -> str | None:
+    """The name of a time field whose offset pushes it outside years 1-9999 in UTC.
+
+    msgspec accepts `9999-12-31T23:59:59-01:00`, but it has no UTC equivalent, and
+    every time the bridge publishes is in UTC: such a body is accepted raw.
+    """
+    times = (
+        ("eventGenerateTime", event.event_generate_time),
+        ("lastUpdateTime", getattr(event.content, "last_update_time", None)),
+        ("expiredTime", getattr(event.content, "expired_time", None)),
+    )  # every datetime field of the structs above; msgspec.structs.fields is too slow here
+    for name, value in times:
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                return name
+    return None
+
+
 def decode(body: bytes) -> Decoded:
     """Decode one webhook body, or raise BadWebhook saying what is wrong with it."""
     try:
@@ -134,8 +159,11 @@ def decode(body: bytes) -> Decoded:
     except (msgspec.DecodeError, RecursionError) as exc:
         typed_error: Exception = exc
     else:
-        return Decoded(str(event.__struct_config__.tag), event.notify_id,
-                       event.event_generate_time, event)
+        stray = _time_without_utc(event)
+        if stray is None:
+            return Decoded(str(event.__struct_config__.tag), event.notify_id,
+                           event.event_generate_time, event)
+        typed_error = ValueError(f"`{stray}` is outside the years 1 to 9999 in UTC")
     try:
         envelope = _envelope.decode(body)
     except msgspec.ValidationError as exc:  # a subclass of DecodeError: test it first
