@@ -27,7 +27,6 @@ from litestar.exceptions import (
     NotAuthorizedException,
     PermissionDeniedException,
 )
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from bridge import __version__, homeassistant
@@ -35,7 +34,7 @@ from bridge.broker import EmbeddedBroker
 from bridge.config import Config
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
-from bridge.publisher import BrokerAddress, Publisher
+from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
 from bridge.store import Discovery, OutboxFull, Store, StoreUnavailable
 from bridge.topics import Message, Record
@@ -56,7 +55,7 @@ class Services:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     broker: EmbeddedBroker | None = None
     store: Store | None = None
-    publisher: Publisher | None = None
+    publisher: PublisherProcess | None = None
 
     def info(self) -> dict[str, Any]:
         """The `bridge/info` payload."""
@@ -102,12 +101,22 @@ def _error(status: int, message: str) -> Response[bytes]:
     return Response(body, status_code=status, media_type=JSON)
 
 
+def _hang_up(response: Response[bytes]) -> Response[bytes]:
+    """Close the connection after answering: the rest of the body is never read, so a
+    slow or oversized upload cannot keep its connection (RFC 9110: 408, 413)."""
+    response.headers["Connection"] = "close"
+    return response
+
+
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    return _error(exc.status_code, exc.detail)
+    response = _error(exc.status_code, exc.detail)
+    return _hang_up(response) if exc.status_code == 413 else response
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    # the route's template, not the path: a token in the path must never reach the log
+    route = request.scope.get("path_template", "?")
+    log.exception("unexpected error on %s %s", request.method, route)
     return _error(500, "internal error; see the bridge's log")
 
 
@@ -120,12 +129,17 @@ def create_app(config: Config) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(_start, services)
+        info = asyncio.create_task(_publish_info(services))
         try:
             yield
         finally:
+            info.cancel()
             await asyncio.to_thread(_stop, services)
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    def admit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """The webhook's guard: sender IP, then token; raises 403 or 401. Called first in the
+        handler, before the body is read. (Not a Litestar guard: those copy the route handler
+        on every request, which was 13 % of the webhook path's CPU in a profile.)"""
         peer = connection.client.host if connection.client else None
         client = gate.client(peer, connection.headers.get("x-forwarded-for"))
         if not gate.ip_allowed(client):
@@ -144,11 +158,13 @@ def create_app(config: Config) -> Litestar:
 
     async def receive(request: Request[Any, Any, Any]) -> Response[bytes]:
         started = time.perf_counter()
+        admit(request)
         try:
-            body = await asyncio.wait_for(request.body(), config.http.body_timeout)
+            async with asyncio.timeout(config.http.body_timeout):
+                body = await request.body()
         except TimeoutError:
             metrics.count("-", "rejected")
-            return _error(408, "the body did not arrive in time")
+            return _hang_up(_error(408, "the body did not arrive in time"))
         received_at = datetime.now(UTC)
         try:
             decoded = decode(body)
@@ -159,9 +175,7 @@ def create_app(config: Config) -> Litestar:
         label = decoded.notify_type if decoded.notify_type in KNOWN_TYPES else "OTHER"
         assert services.store is not None
         try:
-            accepted = await asyncio.wrap_future(
-                services.store.submit(decoded, body, received_at)
-            )
+            accepted = await services.store.submit_async(decoded, body, received_at)
         except StoreUnavailable as exc:
             metrics.count(label, "unavailable")
             status = 503
@@ -188,7 +202,7 @@ def create_app(config: Config) -> Litestar:
     path = config.http.path.rstrip("/")
     limit = config.http.max_body_bytes
     handlers: list[Any] = [
-        post(path, guards=[guard], request_max_body_size=limit, status_code=200,
+        post(path, request_max_body_size=limit, status_code=200,
              name="webhook", summary="Receive an eSIM Access webhook")(receive),
     ]
     if config.http.token:
@@ -199,7 +213,7 @@ def create_app(config: Config) -> Litestar:
             return await receive(request)
 
         handlers.append(
-            post(f"{path}/{{token:str}}", guards=[guard], request_max_body_size=limit,
+            post(f"{path}/{{token:str}}", request_max_body_size=limit,
                  status_code=200, name="webhook_token", include_in_schema=False,
                  summary="Receive a webhook, token in the path")(receive_with_token)
         )
@@ -264,17 +278,21 @@ def _start(services: Services) -> None:
     store.open()
     services.store = store
     store.sync_discovery(bridge_config)
-    publisher = Publisher(
-        store,
-        BrokerAddress.parse(url),
-        client_id=config.mqtt.client_id,
-        base=config.mqtt.base_topic,
-        qos=config.mqtt.qos,
-        keepalive=config.mqtt.keepalive,
-        birth_topic=f"{config.homeassistant.prefix}/status" if discovery else None,
-        info=services.info,
+    publisher = PublisherProcess(
+        Settings(
+            db_path=str(store.path),
+            synchronous=config.store.synchronous,
+            address=BrokerAddress.parse(url),
+            client_id=config.mqtt.client_id,
+            base=config.mqtt.base_topic,
+            qos=config.mqtt.qos,
+            keepalive=config.mqtt.keepalive,
+            birth_topic=f"{config.homeassistant.prefix}/status" if discovery else None,
+            log_level=config.log.level.upper(),
+        )
     )
     services.publisher = publisher
+    store.on_commit(publisher.poke)
     services.metrics.bind(
         backlog=lambda: store.backlog,
         published=lambda: publisher.published,
@@ -282,6 +300,24 @@ def _start(services: Services) -> None:
         esims=lambda: store.esims,
     )
     publisher.start()
+
+
+INFO_EVERY = 5.0
+
+
+async def _publish_info(services: Services) -> None:
+    """Put `bridge/info` in the outbox at start, then whenever its counts change."""
+    last = b""
+    while True:
+        payload = msgspec.json.encode(services.info())
+        if payload != last and services.store is not None:
+            message = Message(f"{services.config.mqtt.base_topic}/bridge/info", payload, True)
+            try:
+                await asyncio.to_thread(services.store.append, [message])
+                last = payload
+            except StoreUnavailable as exc:
+                log.warning("could not queue bridge/info: %s", exc)
+        await asyncio.sleep(INFO_EVERY)
 
 
 def _stop(services: Services) -> None:

@@ -69,4 +69,5 @@ class Gate:
             return True
         if presented is None:
             return False
-        return hmac.compare_digest(presented.encode(), self.token)
+        # surrogatepass: a str that is no valid UTF-8 is a wrong token, not an error
+        return hmac.compare_digest(presented.encode(errors="surrogatepass"), self.token)

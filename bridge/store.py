@@ -14,6 +14,8 @@ Tables:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import queue
@@ -78,7 +80,8 @@ class _Ingest:
     decoded: Decoded
     body: bytes
     received_at: datetime
-    future: Future[Accepted] = field(default_factory=Future)
+    future: Future[Accepted] | asyncio.Future[Accepted]
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass(slots=True)
@@ -107,6 +110,76 @@ def connect(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     return conn
 
 
+def _insert_outbox(conn: sqlite3.Connection, messages: list[Message]) -> None:
+    conn.executemany(
+        "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
+        [(m.topic, m.payload, int(m.retain)) for m in messages],
+    )
+
+
+def _settle(outcomes: list[tuple[_Ingest, Accepted | BaseException]]) -> None:
+    """Resolve futures: thread futures directly, loop futures with one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Ingest, Accepted | BaseException]]] = {}
+    for item, outcome in outcomes:
+        if item.loop is None:
+            future = item.future
+            assert isinstance(future, Future)
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        else:
+            by_loop.setdefault(item.loop, []).append((item, outcome))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle_in_loop, pairs)
+
+
+def _settle_in_loop(pairs: list[tuple[_Ingest, Accepted | BaseException]]) -> None:
+    for item, outcome in pairs:
+        future = item.future
+        if future.done():
+            continue  # the request went away (client disconnected)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+# -- the outbox, as the publisher process sees it (its own connection) -----------------------
+
+
+def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, Message]]:
+    rows = conn.execute(
+        "SELECT id, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    return [(row[0], Message(row[1], bytes(row[2]), bool(row[3]))) for row in rows]
+
+
+def delete_outbox(conn: sqlite3.Connection, ids: list[int]) -> None:
+    """Drop rows the broker acknowledged, in one short transaction."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+
+def backlog(conn: sqlite3.Connection) -> int:
+    """Messages waiting in the outbox: the id range, which is cheap at any size. Rows are
+    deleted in the order they were acknowledged, so holes are few and short-lived."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM outbox").fetchone()
+    return 0 if low is None else int(high - low + 1)
+
+
+def iter_snapshot(conn: sqlite3.Connection, base: str) -> Iterator[Message]:
+    """Every retained message the store stands for: discovery first, then state."""
+    for topic, payload in conn.execute("SELECT topic, payload FROM discovery").fetchall():
+        yield Message(topic, bytes(payload), True)
+    rows = conn.execute("SELECT key, record FROM entity").fetchall()
+    for key, blob in rows:
+        yield from topics.snapshot(key, _record_decoder.decode(blob), base)
+
+
 class Store:
     """The SQLite store. `open()` starts the writer thread; `close()` stops it."""
 
@@ -126,13 +199,13 @@ class Store:
         self.max_outbox = max_outbox
         self.synchronous = synchronous
         self.discovery = discovery
-        self.backlog = 0
         self.esims = 0
         self.last_error: str | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -140,11 +213,11 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, self.synchronous)
         conn.executescript(SCHEMA)
-        self.backlog = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
         self.esims = conn.execute(
             "SELECT count(*) FROM entity WHERE key LIKE 'esim:%'"
         ).fetchone()[0]
         self._conn = conn
+        self._reader = connect(self.path, self.synchronous)
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -154,17 +227,24 @@ class Store:
         self._queue.put(_STOP)
         self._thread.join(10)
         self._thread = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                conn.close()
+        self._conn = self._reader = None
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def reader(self) -> sqlite3.Connection:
-        """A connection for another thread to read with (WAL lets reads run beside writes)."""
-        return connect(self.path, self.synchronous)
+    @property
+    def backlog(self) -> int:
+        """Messages in the outbox that the broker has not acknowledged yet."""
+        if self._reader is None:
+            return 0
+        try:
+            return backlog(self._reader)
+        except sqlite3.Error:
+            return 0
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from the writer thread) after a commit added to the outbox."""
@@ -174,21 +254,28 @@ class Store:
 
     def submit(self, decoded: Decoded, body: bytes, received_at: datetime) -> Future[Accepted]:
         """Queue one webhook; the future resolves after its transaction commits."""
-        item = _Ingest(decoded, body, received_at)
+        future: Future[Accepted] = Future()
+        self._enqueue(_Ingest(decoded, body, received_at, future))
+        return future
+
+    def submit_async(
+        self, decoded: Decoded, body: bytes, received_at: datetime
+    ) -> asyncio.Future[Accepted]:
+        """`submit` for the event loop: one wake-up of the loop per batch, not per webhook."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Accepted] = loop.create_future()
+        self._enqueue(_Ingest(decoded, body, received_at, future, loop))
+        return future
+
+    def _enqueue(self, item: _Ingest) -> None:
         if self._thread is None:
-            item.future.set_exception(StoreUnavailable("the store is closed"))
+            _settle([(item, StoreUnavailable("the store is closed"))])
         else:
             self._queue.put(item)
-        return item.future
 
     def ingest(self, decoded: Decoded, body: bytes, received_at: datetime) -> Accepted:
         """Blocking `submit`, for callers outside the event loop."""
         return self.submit(decoded, body, received_at).result()
-
-    def delete(self, ids: list[int]) -> None:
-        """Drop messages the broker acknowledged. Queued: it rides with the next batch."""
-        if ids:
-            self._queue.put(ids)
 
     def call(self, fn: Callable[[sqlite3.Connection], int]) -> int:
         """Run `fn` in a write transaction on the writer thread; it returns outbox rows added."""
@@ -198,25 +285,14 @@ class Store:
         self._queue.put(item)
         return item.future.result()
 
-    # -- reads (any thread, with its own connection) ----------------------------------------
+    def append(self, messages: list[Message]) -> int:
+        """Append finished messages to the outbox (bridge/info, for instance)."""
 
-    @staticmethod
-    def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, Message]]:
-        rows = conn.execute(
-            "SELECT id, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [(row[0], Message(row[1], bytes(row[2]), bool(row[3]))) for row in rows]
+        def work(conn: sqlite3.Connection) -> int:
+            _insert_outbox(conn, messages)
+            return len(messages)
 
-    @staticmethod
-    def iter_snapshot(conn: sqlite3.Connection, base: str) -> Iterator[Message]:
-        """Every retained message the store stands for: discovery first, then state."""
-        for topic, payload in conn.execute("SELECT topic, payload FROM discovery").fetchall():
-            yield Message(topic, bytes(payload), True)
-        cursor = conn.execute("SELECT key, record FROM entity")
-        while rows := cursor.fetchmany(500):
-            for key, blob in rows:
-                yield from topics.snapshot(key, _record_decoder.decode(blob), base)
+        return self.call(work)
 
     # -- the writer thread --------------------------------------------------------------------
 
@@ -252,7 +328,9 @@ class Store:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Ingest | _Call):
+            if isinstance(item, _Ingest):
+                _settle([(item, StoreUnavailable("the store is closing"))])
+            elif isinstance(item, _Call):
                 item.future.set_exception(StoreUnavailable("the store is closing"))
 
     def _cleanup(self, conn: sqlite3.Connection) -> None:
@@ -262,21 +340,21 @@ class Store:
             log.warning("could not forget old notify ids: %s", exc)
 
     def _write(self, conn: sqlite3.Connection, batch: list[object]) -> None:
+        """One transaction for the whole batch; then every webhook in it is answered."""
         ingests = [item for item in batch if isinstance(item, _Ingest)]
         calls = [item for item in batch if isinstance(item, _Call)]
-        deletes = [ids for item in batch if isinstance(item, list) for ids in item]
         results: list[Accepted | BaseException] = []
         call_results: list[int] = []
         added = 0
-        deleted = 0
         new_esims = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
+            waiting = backlog(conn) if ingests else 0
             records: dict[str, Record | None] = {}
             for item in ingests:
                 conn.execute("SAVEPOINT one")
                 try:
-                    result, count, new = self._ingest_one(conn, item, records, added)
+                    result, count, new = self._ingest_one(conn, item, records, waiting + added)
                 except sqlite3.Error:
                     raise  # the whole transaction is in doubt: fail the batch
                 except Exception as exc:  # a bug for this body only: keep the others
@@ -291,10 +369,6 @@ class Store:
                 new_esims += new
             for call in calls:
                 call_results.append(call.fn(conn))
-            if deletes:
-                deleted = conn.executemany(
-                    "DELETE FROM outbox WHERE id = ?", [(i,) for i in deletes]
-                ).rowcount
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
@@ -305,25 +379,16 @@ class Store:
             self.last_error = f"the store cannot write: {exc}"
             log.error("%s (%d webhooks answered 503)", self.last_error, len(ingests))
             failure = StoreUnavailable(self.last_error)
-            for item in ingests:
-                item.future.set_exception(failure)
+            _settle([(item, failure) for item in ingests])
             for call in calls:
                 call.future.set_exception(exc)
-            if deletes:
-                self._queue.put(deletes)  # try again with the next batch
             return
         self.last_error = None
-        added += sum(call_results)
-        self.backlog += added - deleted
         self.esims += new_esims
-        for item, outcome in zip(ingests, results, strict=True):
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+        _settle(list(zip(ingests, results, strict=True)))
         for call, value in zip(calls, call_results, strict=True):
             call.future.set_result(value)
-        if added:
+        if added or any(call_results):
             for listener in self._listeners:
                 listener()
 
@@ -345,10 +410,10 @@ class Store:
         row = conn.execute("SELECT at FROM seen WHERE key = ?", (key,)).fetchone()
         if row is not None and row[0] >= now - self.dedup_seconds:
             return Accepted(duplicate=True), 0, 0
-        if self.backlog + pending >= self.max_outbox:
+        if pending >= self.max_outbox:
             return (
                 OutboxFull(
-                    f"the outbox is full ({self.backlog + pending} messages wait for the "
+                    f"the outbox is full ({pending} messages wait for the "
                     "broker): check the broker, or raise store.max_outbox"
                 ),
                 0,
@@ -373,10 +438,7 @@ class Store:
                 new_esim = 1
             if self.discovery is not None:
                 messages = self._changed_discovery(conn, result.entity, result.record) + messages
-        conn.executemany(
-            "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
-            [(m.topic, m.payload, int(m.retain)) for m in messages],
-        )
+        _insert_outbox(conn, messages)
         accepted = Accepted(False, result.iccid, result.warning, len(messages))
         return accepted, len(messages), new_esim
 
@@ -428,10 +490,7 @@ class Store:
                         "INSERT OR REPLACE INTO discovery (topic, payload) VALUES (?, ?)",
                         (topic, payload),
                     )
-            conn.executemany(
-                "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
-                [(m.topic, m.payload, int(m.retain)) for m in out],
-            )
+            _insert_outbox(conn, out)
             return len(out)
 
         return self.call(work)
