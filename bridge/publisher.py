@@ -126,7 +126,7 @@ class Publisher:
         )
         client.max_inflight_messages_set(settings.window)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.will_set(self.state_topic, b"offline", qos=settings.qos, retain=True)
         if address.username is not None:
             client.username_pw_set(address.username, address.password)

@@ -167,7 +167,11 @@ def delete_outbox(conn: sqlite3.Connection, ids: list[int]) -> None:
 def backlog(conn: sqlite3.Connection) -> int:
     """Messages waiting in the outbox: the id range, which is cheap at any size. Rows are
     deleted in the order they were acknowledged, so holes are few and short-lived."""
-    low, high = conn.execute("SELECT min(id), max(id) FROM outbox").fetchone()
+    # two subqueries: SQLite answers a lone min() or max() from the index, both at once
+    # in one SELECT with a full scan
+    low, high = conn.execute(
+        "SELECT (SELECT min(id) FROM outbox), (SELECT max(id) FROM outbox)"
+    ).fetchone()
     return 0 if low is None else int(high - low + 1)
 
 
@@ -351,22 +355,21 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             waiting = backlog(conn) if ingests else 0
             records: dict[str, Record | None] = {}
+            outbox: list[Message] = []
             for item in ingests:
-                conn.execute("SAVEPOINT one")
                 try:
-                    result, count, new = self._ingest_one(conn, item, records, waiting + added)
+                    result, new = self._ingest_one(conn, item, records, waiting + len(outbox),
+                                                   outbox)
                 except sqlite3.Error:
                     raise  # the whole transaction is in doubt: fail the batch
                 except Exception as exc:  # a bug for this body only: keep the others
-                    conn.execute("ROLLBACK TO one")
                     log.exception("could not store a %s webhook", item.decoded.notify_type)
                     results.append(exc)
                     continue
-                finally:
-                    conn.execute("RELEASE one")
                 results.append(result)
-                added += count
                 new_esims += new
+            _insert_outbox(conn, outbox)
+            added = len(outbox)
             for call in calls:
                 call_results.append(call.fn(conn))
             conn.execute("COMMIT")
@@ -402,45 +405,55 @@ class Store:
         item: _Ingest,
         records: dict[str, Record | None],
         pending: int,
-    ) -> tuple[Accepted | BaseException, int, int]:
-        """Store one webhook inside the open transaction: (result, outbox rows, new eSIMs)."""
+        outbox: list[Message],
+    ) -> tuple[Accepted | BaseException, int]:
+        """Store one webhook inside the open transaction: (result, new eSIMs).
+
+        Everything that can fail for this body alone (the plan, encoding) happens before
+        its first write, so a failure leaves nothing of it behind and the batch goes on.
+        Its messages are appended to `outbox`, written once for the whole batch.
+        """
         decoded = item.decoded
         key = dedup_key(decoded, item.body)
         now = item.received_at.timestamp()
         row = conn.execute("SELECT at FROM seen WHERE key = ?", (key,)).fetchone()
         if row is not None and row[0] >= now - self.dedup_seconds:
-            return Accepted(duplicate=True), 0, 0
+            return Accepted(duplicate=True), 0
         if pending >= self.max_outbox:
-            return (
-                OutboxFull(
-                    f"the outbox is full ({pending} messages wait for the "
-                    "broker): check the broker, or raise store.max_outbox"
-                ),
-                0,
-                0,
-            )
-        conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", (key, now))
+            return OutboxFull(
+                f"the outbox is full ({pending} messages wait for the broker): "
+                "check the broker, or raise store.max_outbox"
+            ), 0
 
         entity = topics.entity_key(decoded)
         prior: Record | None = None
         if entity is not None:
             prior = records[entity] if entity in records else self._load(conn, entity)
         result = topics.plan(decoded, item.body, prior, item.received_at, self.base)
-        messages = result.messages
+        blob = b""
+        discovery: list[Message] = []
+        if result.entity is not None and result.record is not None:
+            blob = _record_encoder.encode(result.record)
+            if self.discovery is not None:
+                discovery = self._changed_discovery(conn, result.entity, result.record)
+
+        # writes from here on
+        conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", (key, now))
         new_esim = 0
         if result.entity is not None and result.record is not None:
             records[result.entity] = result.record
             conn.execute(
-                "INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
-                (result.entity, _record_encoder.encode(result.record)),
+                "INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)", (result.entity, blob)
             )
-            if prior is None and result.entity.startswith("esim:"):
-                new_esim = 1
-            if self.discovery is not None:
-                messages = self._changed_discovery(conn, result.entity, result.record) + messages
-        _insert_outbox(conn, messages)
-        accepted = Accepted(False, result.iccid, result.warning, len(messages))
-        return accepted, len(messages), new_esim
+            conn.executemany(
+                "INSERT OR REPLACE INTO discovery (topic, payload) VALUES (?, ?)",
+                [(m.topic, m.payload) for m in discovery],
+            )
+            new_esim = int(prior is None and result.entity.startswith("esim:"))
+        outbox.extend(discovery)
+        outbox.extend(result.messages)
+        count = len(discovery) + len(result.messages)
+        return Accepted(False, result.iccid, result.warning, count), new_esim
 
     def _changed_discovery(
         self, conn: sqlite3.Connection, entity: str, record: Record
@@ -452,13 +465,8 @@ class Store:
             row = conn.execute(
                 "SELECT payload FROM discovery WHERE topic = ?", (message.topic,)
             ).fetchone()
-            if row is not None and bytes(row[0]) == message.payload:
-                continue
-            conn.execute(
-                "INSERT OR REPLACE INTO discovery (topic, payload) VALUES (?, ?)",
-                (message.topic, message.payload),
-            )
-            changed.append(message)
+            if row is None or bytes(row[0]) != message.payload:
+                changed.append(message)
         return changed
 
     # -- maintenance, run through `call` ------------------------------------------------------
