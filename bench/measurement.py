@@ -1,0 +1,208 @@
+"""One round of one system: start it, load it, watch MQTT, stop it.
+
+The phases, each with its own notifyId tag:
+1. warm-up (closed loop, not counted): imports, JITs and caches settle;
+2. closed loop at N connections: acknowledged webhooks/s, CPU of both sides;
+3. drain: time from the end of that load until the subscriber has seen every
+   acknowledged webhook (a system that acknowledges faster than it publishes
+   builds a backlog, and this is where it shows);
+4. open loop at a fixed rate: ACK latency and webhook-to-subscriber latency,
+   both counted from when the request was due.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from bench.loadgen import LoadResult
+from bench.plan import Plan
+from bench.process_tree import RssSampler, cpu_seconds
+from bench.stats import percentile
+from bench.subscriber import Subscriber
+from bench.system import ROOT, Process, SystemSpec
+
+_tags = itertools.count(random.randrange(1 << 20, 1 << 30))
+
+
+def new_tag() -> int:
+    """A notifyId prefix no other phase of this run (or a recent run) uses."""
+    return next(_tags)
+
+
+@dataclass
+class RoundResult:
+    key: str
+    round: int
+    error: str | None = None
+    ready_s: float | None = None
+    rate: float | None = None  # acknowledged webhooks/s (paho: acked messages/s)
+    http_errors: int = 0
+    first_error: str = ""
+    ack_p50_ms: float | None = None
+    ack_p99_ms: float | None = None
+    e2e_p50_ms: float | None = None
+    e2e_p99_ms: float | None = None
+    open_rate: float | None = None
+    drain_s: float | None = None
+    drain_timed_out: bool = False
+    delivered: int | None = None
+    lost: int | None = None
+    duplicates: int = 0
+    delivered_rate: float | None = None  # delivered / (load + drain), webhooks/s
+    peak_rss: int = 0
+    system_cores: float | None = None
+    load_cores: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_load(
+    port: int, plan: Plan, workdir: Path, tag: int, *, mode: str, duration: float, **extra: float
+) -> LoadResult:
+    """Runs the load generator in its own process and reads back what it did."""
+    out = workdir / f"load-{tag:08x}.msgpack"
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        *("--port", str(port), "--mode", mode, "--duration", str(duration)),
+        *("--connections", str(plan.connections), "--tag", hex(tag)),
+        *("--iccids", str(int(extra.pop("iccids", plan.iccids)))),
+        *("--out", str(out)),
+    ]
+    for name, value in extra.items():
+        argv += [f"--{name}", str(int(value) if name == "count" else value)]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=duration + 120, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()[-800:]}")
+    result = msgspec.msgpack.decode(out.read_bytes(), type=LoadResult)
+    out.unlink()
+    return result
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+def measure_webhook_system(
+    spec: SystemSpec, plan: Plan, mqtt_port: int, workdir: Path, round_no: int
+) -> RoundResult:
+    result = RoundResult(spec.key, round_no)
+    launch = spec.launch(workdir, mqtt_port)
+    assert launch.http_port is not None
+    port = launch.http_port
+    proc = Process(launch, workdir / f"{spec.key}.log")
+    sub: Subscriber | None = None
+    try:
+        result.ready_s = proc.wait_ready(plan.ready_timeout)
+        if spec.topic_filter is not None:
+            client_id = f"bench-sub-{spec.key}-{round_no}"
+            sub = Subscriber(mqtt_port, spec.topic_filter, client_id).start()
+        with RssSampler(proc.pid) as rss:
+            run_load(port, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
+            _closed_phase(result, proc, sub, plan, port, workdir)
+            _open_phase(result, sub, plan, port, workdir)
+        result.peak_rss = rss.peak
+        if not proc.alive():
+            result.error = f"exited with {proc.popen.returncode} during the run"
+    except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if sub is not None:
+            sub.stop()
+        proc.stop()
+    if result.error:
+        result.notes.append(f"log tail of {spec.key}:\n{proc.tail()}")
+    return result
+
+
+def _closed_phase(
+    result: RoundResult,
+    proc: Process,
+    sub: Subscriber | None,
+    plan: Plan,
+    port: int,
+    workdir: Path,
+) -> None:
+    tag = new_tag()
+    seen = sub.track(tag) if sub is not None else {}
+    cpu_before = cpu_seconds(proc.pid)
+    load = run_load(port, plan, workdir, tag, mode="closed", duration=plan.duration)
+    cpu_after = cpu_seconds(proc.pid)
+    result.rate = load.in_window / load.duration
+    result.http_errors += load.errors + load.unanswered
+    result.first_error = result.first_error or load.first_error
+    result.system_cores = (cpu_after - cpu_before) / load.duration
+    result.load_cores = load.cpu_seconds / load.duration
+    if sub is None:
+        return
+    missing = sub.wait_all(tag, load.seqs, plan.drain_timeout)
+    arrivals = [seen[s] for s in load.seqs if s in seen]
+    result.delivered = len(arrivals)
+    result.lost = len(missing)
+    result.drain_timed_out = bool(missing)
+    if arrivals:
+        result.drain_s = max(0.0, max(arrivals) - load.ended)
+        result.delivered_rate = len(arrivals) / (load.duration + result.drain_s)
+
+
+def _open_phase(
+    result: RoundResult, sub: Subscriber | None, plan: Plan, port: int, workdir: Path
+) -> None:
+    tag = new_tag()
+    seen = sub.track(tag) if sub is not None else {}
+    load = run_load(
+        port, plan, workdir, tag, mode="open", duration=plan.open_duration, rate=plan.rate
+    )
+    result.http_errors += load.errors + load.unanswered
+    result.first_error = result.first_error or load.first_error
+    result.open_rate = load.ok / load.duration
+    acks = [a - d for a, d in zip(load.acked, load.due, strict=True)]
+    result.ack_p50_ms = _ms(percentile(acks, 50))
+    result.ack_p99_ms = _ms(percentile(acks, 99))
+    if sub is None:
+        return
+    missing = sub.wait_all(tag, load.seqs, min(plan.drain_timeout, 30.0))
+    due = dict(zip(load.seqs, load.due, strict=True))
+    e2e = [seen[s] - due[s] for s in load.seqs if s in seen]
+    result.e2e_p50_ms = _ms(percentile(e2e, 50))
+    result.e2e_p99_ms = _ms(percentile(e2e, 99))
+    result.delivered = (result.delivered or 0) + len(e2e)
+    result.lost = (result.lost or 0) + len(missing)
+    result.duplicates = sub.duplicates
+
+
+def measure_publisher(
+    spec: SystemSpec, plan: Plan, mqtt_port: int, workdir: Path, round_no: int
+) -> RoundResult:
+    """The paho-alone row: a process that publishes for `plan.duration` and exits."""
+    result = RoundResult(spec.key, round_no)
+    proc = Process(spec.launch(workdir, mqtt_port), workdir / f"{spec.key}.log")
+    try:
+        with RssSampler(proc.pid) as rss:
+            deadline = time.monotonic() + plan.duration + 30
+            while proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        result.peak_rss = rss.peak
+        if proc.alive() or proc.popen.returncode != 0:
+            result.error = f"paho-alone did not finish cleanly ({proc.popen.returncode})"
+        else:
+            line = proc.tail(1)
+            result.rate = float(json.loads(line)["rate"])
+    except (ValueError, KeyError) as exc:
+        result.error = f"unreadable paho-alone output: {exc}"
+    finally:
+        proc.stop()
+    if result.error:
+        result.notes.append(f"log tail of {spec.key}:\n{proc.tail()}")
+    return result

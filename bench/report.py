@@ -1,0 +1,281 @@
+"""The markdown report: one row per system, ratios against the baselines.
+
+Ratios are the point: the machines are shared and noisy, so the bridge is only
+ever compared with baselines measured minutes apart under the same load. The
+issue's targets are printed beside the ratios as met / not met, for reading,
+never as an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bench.measurement import RoundResult
+from bench.plan import Plan
+from bench.stats import median
+from bench.system import SystemSpec
+from tests.brokers import mosquitto_binary
+
+MSGS_PER_WEBHOOK = 7  # the bridge's topics for one DATA_USAGE webhook (CONTRACT.md)
+LOADGEN_BUSY = 0.8  # cores; above this the load generator may be what limits the rate
+
+
+@dataclass
+class Summary:
+    """One system's rounds folded into a row: medians, except peaks and counts."""
+
+    spec: SystemSpec
+    rounds: list[RoundResult]
+    rate: float | None = None
+    ack_p50: float | None = None
+    ack_p99: float | None = None
+    e2e_p50: float | None = None
+    e2e_p99: float | None = None
+    drain: float | None = None
+    drain_timed_out: bool = False
+    delivered_rate: float | None = None
+    ready: float | None = None
+    system_cores: float | None = None
+    load_cores: float | None = None
+    peak_rss: int = 0
+    lost: int | None = None
+    delivered: int | None = None
+    http_errors: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def summarize(spec: SystemSpec, rounds: list[RoundResult]) -> Summary:
+    ok = [r for r in rounds if r.error is None]
+    s = Summary(spec, rounds)
+    s.errors = [f"round {r.round}: {r.error}" for r in rounds if r.error]
+    s.rate = median([r.rate for r in ok])
+    s.ack_p50 = median([r.ack_p50_ms for r in ok])
+    s.ack_p99 = median([r.ack_p99_ms for r in ok])
+    s.e2e_p50 = median([r.e2e_p50_ms for r in ok])
+    s.e2e_p99 = median([r.e2e_p99_ms for r in ok])
+    s.drain = median([r.drain_s for r in ok])
+    s.drain_timed_out = any(r.drain_timed_out for r in ok)
+    s.delivered_rate = median([r.delivered_rate for r in ok])
+    s.ready = median([r.ready_s for r in ok])
+    s.system_cores = median([r.system_cores for r in ok])
+    s.load_cores = median([r.load_cores for r in ok])
+    s.peak_rss = max((r.peak_rss for r in rounds), default=0)
+    losts = [r.lost for r in rounds if r.lost is not None]
+    s.lost = sum(losts) if losts else None
+    delivered = [r.delivered for r in rounds if r.delivered is not None]
+    s.delivered = sum(delivered) if delivered else None
+    s.http_errors = sum(r.http_errors for r in rounds)
+    s.duplicates = sum(r.duplicates for r in rounds)
+    return s
+
+
+def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    if a is None and b is None:
+        return "—"
+    return f"{_num(a, 1)} / {_num(b, 1)}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}x"
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():  # noqa: SIM115
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = [f"Python {platform.python_version()}"]
+    binary = mosquitto_binary()
+    if binary:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False)
+        first = (out.stdout or out.stderr).splitlines()[:1]
+        versions += [first[0].replace(" running on", "").strip()] if first else []
+    node = shutil.which("node")
+    if node:
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+        versions.append(f"node {out.stdout.strip()}")
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} cores ({model or platform.machine()}), "
+        f"{platform.system()} {platform.release()}; {', '.join(versions)}; "
+        f"load average at start {load[0]:.2f}"
+    )
+
+
+def render(
+    plan: Plan,
+    summaries: Sequence[Summary],
+    skipped: dict[str, str],
+    machine_line: str,
+    extra: Sequence[str] = (),
+) -> str:
+    by_key = {s.spec.key: s for s in summaries}
+    bare = by_key.get("bare")
+    red = by_key.get("node-red")
+    bare_rate = bare.rate if bare else None
+    red_rate = red.rate if red else None
+    rate = f"@{plan.rate:.0f}/s"
+    lines = [
+        f"# esim-bridge benchmark ({plan.name}), {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        "",
+        f"Machine: {machine_line}.",
+        "",
+        f"Load: DATA_USAGE webhook, unique notifyIds over {plan.iccids} iccids; closed loop "
+        f"at {plan.connections} keep-alive connections for {plan.duration:g} s after a "
+        f"{plan.warmup:g} s warm-up; open loop {rate} for {plan.open_duration:g} s; "
+        f"{plan.rounds} interleaved round(s), medians. Each system is a fresh process on one "
+        "Mosquitto. Only the ratios mean anything: absolute numbers move with the machine "
+        "and its neighbours.",
+        "",
+        f"| system | webhooks/s acked | vs bare | vs Node-RED | ACK p50/p99 ms {rate} "
+        f"| e2e p50/p99 ms {rate} | drain s | peak RSS MB | lost |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        webhook = s.spec.webhook
+        if s.rate is None:
+            acked = "**failed**"
+        elif webhook:
+            acked = _num(s.rate)
+        else:
+            acked = f"{_num(s.rate)} msgs/s"
+        lost = "—" if s.lost is None else ("0" if s.lost == 0 else f"**{s.lost} LOST**")
+        drain = _num(s.drain, 2)
+        if s.drain_timed_out:
+            drain = f"> {plan.drain_timeout:g} (timed out)"
+        lines.append(
+            f"| {s.spec.label} | {acked} "
+            f"| {_ratio(s.rate, bare_rate) if webhook else '—'} "
+            f"| {_ratio(s.rate, red_rate) if webhook else '—'} "
+            f"| {_pair(s.ack_p50, s.ack_p99) if webhook else '—'} "
+            f"| {_pair(s.e2e_p50, s.e2e_p99)} | {drain} "
+            f"| {_num(s.peak_rss / 1e6 if s.peak_rss else None, 1)} | {lost} |"
+        )
+    for key, reason in skipped.items():
+        lines.append(f"| {key} | skipped: {reason} | | | | | | | |")
+    lines += ["", *_targets(plan, by_key, bare_rate, red_rate), "", *_diagnostics(summaries)]
+    if extra:
+        lines += ["", *extra]
+    errors = [f"- {s.spec.label}: {e}" for s in summaries for e in s.errors]
+    if errors:
+        lines += ["", "## Crashes", "", *errors]
+        for s in summaries:
+            for r in s.rounds:
+                lines += ["", "```", *r.notes, "```"] if r.notes else []
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def _targets(
+    plan: Plan, by_key: dict[str, Summary], bare: float | None, red: float | None
+) -> list[str]:
+    bridge = by_key.get("bridge")
+    lines = ["## The issue's targets (informational, never a failure)", ""]
+    if bridge is None or bridge.rate is None:
+        return [*lines, "The bridge did not run, so there is nothing to compare."]
+    at = "" if plan.rate == 500 else f" (measured at {plan.rate:.0f}/s)"
+    rss_mb = bridge.peak_rss / 1e6 if bridge.peak_rss else None
+
+    def row(target: str, measured: str, ok: bool | None) -> str:
+        return f"| {target} | {measured} | {_verdict(ok)} |"
+
+    def le(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    red_ratio = bridge.rate / red if red else None
+    bare_ratio = bridge.rate / bare if bare else None
+    if bare and red and bare / red < 2.5:
+        lines += [
+            f"Note: bare Litestar itself is only {bare / red:.2f}x Node-RED here, so "
+            "≥ 2.5x Node-RED is out of reach for a Litestar-based bridge on this machine.",
+            "",
+        ]
+    return [
+        *lines,
+        "| target | measured | |",
+        "| --- | ---: | --- |",
+        row(
+            "≥ 2.5x Node-RED webhooks/s",
+            _ratio(bridge.rate, red),
+            None if red_ratio is None else red_ratio >= 2.5,
+        ),
+        row(
+            "≥ 90 % of bare Litestar webhooks/s",
+            _num(None if bare_ratio is None else bare_ratio * 100, 0, " %"),
+            None if bare_ratio is None else bare_ratio >= 0.9,
+        ),
+        row(f"e2e p99 ≤ 10 ms @500/s{at}", _num(bridge.e2e_p99, 1, " ms"), le(bridge.e2e_p99, 10)),
+        row(f"ACK p99 ≤ 5 ms @500/s{at}", _num(bridge.ack_p99, 1, " ms"), le(bridge.ack_p99, 5)),
+        row("peak RSS ≤ 80 MB", _num(rss_mb, 1, " MB"), le(rss_mb, 80)),
+        row(
+            "≥ 1000 webhooks/s delivered end to end",
+            _num(bridge.delivered_rate, 0, "/s"),
+            None if bridge.delivered_rate is None else bridge.delivered_rate >= 1000,
+        ),
+    ]
+
+
+def _diagnostics(summaries: Sequence[Summary]) -> list[str]:
+    lines = [
+        "## Diagnostics",
+        "",
+        "CPU is cores busy during the closed loop (system's process tree / load generator). "
+        "Delivered/s is webhooks seen on MQTT per second of load plus drain.",
+        "",
+        "| system | ready s | CPU system | CPU loadgen | delivered/s | HTTP errors | dup msgs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    busiest = 0.0
+    for s in summaries:
+        if not s.spec.webhook:
+            continue
+        busiest = max(busiest, s.load_cores or 0.0)
+        first = next((r.first_error for r in s.rounds if r.first_error), "")
+        errors = str(s.http_errors) + (f" ({first})" if first else "")
+        lines.append(
+            f"| {s.spec.label} | {_num(s.ready, 2)} | {_num(s.system_cores, 2)} "
+            f"| {_num(s.load_cores, 2)} | {_num(s.delivered_rate)} | {errors} "
+            f"| {s.duplicates} |"
+        )
+    lines.append("")
+    if busiest > LOADGEN_BUSY:
+        lines.append(
+            f"**Warning:** the load generator used up to {busiest:.2f} cores; it may have "
+            "limited the fastest rows."
+        )
+    else:
+        lines.append(
+            f"The load generator used at most {busiest:.2f} cores: it was not the bottleneck."
+        )
+    by_key = {s.spec.key: s for s in summaries}
+    bridge, paho = by_key.get("bridge"), by_key.get("paho")
+    if bridge and paho and bridge.delivered_rate and paho.rate:
+        msgs = bridge.delivered_rate * MSGS_PER_WEBHOOK
+        lines.append(
+            f"The bridge publishes ~{MSGS_PER_WEBHOOK} MQTT messages per webhook: at its "
+            f"delivered rate that is ~{msgs:,.0f} msgs/s, {msgs / paho.rate:.0%} of what one "
+            "paho client alone gets acknowledged."
+        )
+    return lines
