@@ -85,6 +85,9 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
             timeout_keep_alive=30,
             server_header=False,
+            # X-Forwarded-For is the Gate's to judge (http.trusted_proxies); uvicorn's
+            # default would believe it from any loopback peer
+            proxy_headers=False,
         )
     )
     logging.getLogger("bridge").info(

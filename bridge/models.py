@@ -93,8 +93,9 @@ class Envelope(msgspec.Struct):
     """The least a body must be to be accepted: a JSON object with a string notifyType."""
 
     notifyType: str
-    notifyId: object = None
-    eventGenerateTime: object = None
+    # Raw: kept unparsed, so a value msgspec cannot hold (1e400) does not make the body a 400
+    notifyId: msgspec.Raw = msgspec.Raw()
+    eventGenerateTime: msgspec.Raw = msgspec.Raw()
 
 
 class BadWebhook(ValueError):
@@ -119,8 +120,16 @@ _typed = msgspec.json.Decoder(Webhook, strict=False)
 _envelope = msgspec.json.Decoder(Envelope)
 
 
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
+def _string(raw: msgspec.Raw) -> str | None:
+    """The value if it is a JSON string, else None."""
+    try:
+        return msgspec.json.decode(raw, type=str) if raw else None
+    except msgspec.DecodeError:
+        return None
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
         return None
     try:
         return msgspec.convert(value, datetime)
@@ -174,10 +183,10 @@ def decode(body: bytes) -> Decoded:
         raise BadWebhook(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadWebhook("the body is nested too deeply to be a webhook") from None
-    notify_id = envelope.notifyId if isinstance(envelope.notifyId, str) else None
+    notify_id = _string(envelope.notifyId)
     if envelope.notifyType in KNOWN_TYPES:
         problem = f"content does not fit {envelope.notifyType}: {typed_error}"
     else:
         problem = f"unknown notifyType {envelope.notifyType!r}"
-    return Decoded(envelope.notifyType, notify_id, _parse_time(envelope.eventGenerateTime),
+    return Decoded(envelope.notifyType, notify_id, _parse_time(_string(envelope.eventGenerateTime)),
                    None, problem)
