@@ -111,7 +111,7 @@ class BridgeProcess:
             config["mqtt"]["url"] = mqtt_url
         for section, values in (sections or {}).items():
             config.setdefault(section, {}).update(values)
-        self.path = config["http"].get("path", "/webhook")
+        self.path = str(config["http"].get("path", "/webhook"))
         self.config_path = write_config(workdir / "esim-bridge.toml", config)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
