@@ -59,6 +59,7 @@ class RoundResult:
     duplicates: int = 0
     delivered_rate: float | None = None  # delivered / (load + drain), webhooks/s
     peak_rss: int = 0
+    peak_pss: int = 0
     system_cores: float | None = None
     load_cores: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -113,6 +114,7 @@ def measure_webhook_system(
             _closed_phase(result, proc, sub, plan, port, workdir)
             _open_phase(result, sub, plan, port, workdir)
         result.peak_rss = rss.peak
+        result.peak_pss = rss.peak_pss
         if not proc.alive():
             result.error = f"exited with {proc.popen.returncode} during the run"
     except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -194,6 +196,7 @@ def measure_publisher(
             while proc.alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
         result.peak_rss = rss.peak
+        result.peak_pss = rss.peak_pss
         if proc.alive() or proc.popen.returncode != 0:
             result.error = f"paho-alone did not finish cleanly ({proc.popen.returncode})"
         else:

@@ -52,6 +52,21 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional memory of the tree: each shared page divided among its sharers, so a
+    tree of two interpreters is not charged twice for the same library pages."""
+    total = 0
+    for member in tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the live tree has used so far."""
     ticks = 0
@@ -72,6 +87,7 @@ class RssSampler:
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -94,6 +110,7 @@ class RssSampler:
         if value:
             self.samples.append((time.monotonic(), value))
             self.peak = max(self.peak, value)
+            self.peak_pss = max(self.peak_pss, pss_bytes(self.pid))
         return value
 
     def at(self, when: float) -> int:
