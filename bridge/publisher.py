@@ -1,7 +1,11 @@
 """The publisher: a dumb, reliable pipe from the outbox to the broker.
 
-It runs in a child process of its own (`PublisherProcess`), so paho's per-message
-work never competes with the webhook path for the GIL. It reads the outbox from
+It runs in a child process of its own (`python -m bridge.publisher`, started by
+`PublisherProcess`), so paho's per-message work never competes with the webhook path
+for the GIL. The parent talks to it over the child's stdin (the settings, then a byte
+per commit to wake it, then a stop request) and reads its status as JSON lines on its
+stdout. When the parent dies, stdin closes and the child leaves at once, without a
+DISCONNECT, so the broker publishes the last will `offline`. It reads the outbox from
 SQLite in order and hands each message to paho at QoS 1, keeping up to `window`
 messages unacknowledged. A row leaves the outbox only after the broker's PUBACK.
 paho resends what was in flight after a reconnect; a restart starts again from the
@@ -18,17 +22,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import multiprocessing
 import os
 import random
 import sqlite3
 import ssl
+import subprocess
+import sys
 import threading
 import time
-from multiprocessing.connection import Connection
-from multiprocessing.sharedctypes import Synchronized, SynchronizedString
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -80,30 +83,48 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
 
 
-class Shared:
-    """What the webhook process may read of the publisher's state (shared memory)."""
+class Status(msgspec.Struct):
+    """What the publisher tells the webhook process, one JSON line at a time."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.connected: Synchronized[int] = ctx.Value("i", 0, lock=False)
-        self.published: Synchronized[int] = ctx.Value("q", 0, lock=False)
-        self.error: SynchronizedString = ctx.Array("c", 512, lock=False)
-        self.stop: Any = ctx.Event()
-        self.drain_seconds: Synchronized[float] = ctx.Value("d", 5.0, lock=False)
+    connected: bool = False
+    published: int = 0
+    error: str | None = None
 
-    def set_error(self, text: str | None) -> None:
-        self.error.value = (text or "").encode()[:511]
 
-    def get_error(self) -> str | None:
-        return self.error.value.decode(errors="replace") or None
+class StatusWriter:
+    """Writes `Status` lines to the parent (from paho's thread and the loop: locked)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.status = Status()
+        self._out = out
+        self._lock = threading.Lock()
+        self._sent = Status(error="not started")
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self.status, key, value)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self.status == self._sent:
+                return
+            line = msgspec.json.encode(self.status) + b"\n"
+            self._sent = msgspec.structs.replace(self.status)
+        with contextlib.suppress(OSError, ValueError):
+            self._out.write(line)
+            self._out.flush()
 
 
 class Publisher:
     """Drains the outbox into one paho client. Runs in the publisher process."""
 
-    def __init__(self, settings: Settings, shared: Shared, wake: Connection | None) -> None:
+    def __init__(self, settings: Settings, status: StatusWriter, control: IO[bytes]) -> None:
         self.settings = settings
-        self.shared = shared
-        self.wake_pipe = wake
+        self.status = status
+        self.control = control
+        self.drain_seconds = 5.0
+        self._stop = threading.Event()
         self.state_topic = f"{settings.base}/bridge/state"
         self.connected = False
         self._pending: dict[int, int | None] = {}  # mid -> outbox id (None: not from the outbox)
@@ -145,14 +166,15 @@ class Publisher:
     ) -> None:
         if reason.is_failure:
             error = f"the broker refused the connection: {reason}"
-            self.shared.set_error(error)
+            self.status.update(error=error)
+            self.status.flush()
             log.error("%s (check mqtt.url's user and password)", error)
             return
         address = self.settings.address
         log.info("connected to the broker at %s:%d", address.host, address.port)
         self.connected = True
-        self.shared.connected.value = 1
-        self.shared.set_error(None)
+        self.status.update(connected=True, error=None)
+        self.status.flush()
         if self.settings.birth_topic is not None:
             client.subscribe(self.settings.birth_topic, qos=1)
         self._snapshot_at = time.monotonic()  # `online` first, then every retained message
@@ -164,8 +186,8 @@ class Publisher:
         if self.connected and not self._stopping:
             log.warning("lost the broker (%s); reconnecting", reason)
         self.connected = False
-        self.shared.connected.value = 0
-        self.shared.set_error(f"disconnected from the broker: {reason}")
+        self.status.update(connected=False, error=f"disconnected from the broker: {reason}")
+        self.status.flush()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
@@ -185,14 +207,16 @@ class Publisher:
     def run(self) -> None:
         """Publish until asked to stop (or the webhook process is gone), then say offline."""
         address = self.settings.address
-        self.shared.set_error(f"connecting to {address.host}:{address.port}")
+        self.status.update(error=f"connecting to {address.host}:{address.port}")
+        self.status.flush()
         self.client.connect_async(address.host, address.port, self.settings.keepalive)
         self.client.loop_start()
-        threading.Thread(target=self._watch, name="publisher-watch", daemon=True).start()
+        threading.Thread(target=self._listen, name="publisher-control", daemon=True).start()
         try:
-            while not self.shared.stop.is_set():
+            while not self._stop.is_set():
                 self._step()
-            self._drain(self.shared.drain_seconds.value)
+                self.status.flush()
+            self._drain(self.drain_seconds)
         finally:
             self._stopping = True
             self._take_acks()
@@ -203,22 +227,26 @@ class Publisher:
                     info.wait_for_publish(timeout=2.0)
                 self.client.disconnect()
             self.client.loop_stop()
-            self.shared.connected.value = 0
+            self.status.update(connected=False)
+            self.status.flush()
 
-    def _watch(self) -> None:
-        """Turn pokes from the webhook process into wake-ups; exit if the parent dies."""
-        parent = os.getppid()
+    def _listen(self) -> None:
+        """Read the parent's pokes (wake up) and stop request (`S<seconds>`). End of input
+        means the parent is gone (even kill -9): leave at once, without DISCONNECT, so the
+        broker publishes the last will `offline`."""
+        fd = self.control.fileno()
         while True:
-            if os.getppid() != parent:
-                # Orphaned (the bridge was killed): leave at once, without DISCONNECT, so
-                # the broker publishes our last will `offline`.
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
                 os._exit(0)
-            if self.wake_pipe is not None and self.wake_pipe.poll(0.5):
-                with contextlib.suppress(OSError):
-                    os.read(self.wake_pipe.fileno(), 65536)
-                self._wake.set()
-            elif self.wake_pipe is None:
-                time.sleep(0.5)
+            if b"S" in data:
+                with contextlib.suppress(ValueError):
+                    self.drain_seconds = float(data.rsplit(b"S", 1)[1].split(b"\n")[0])
+                self._stop.set()
+            self._wake.set()
 
     def _step(self) -> None:
         self._wake.clear()
@@ -276,7 +304,7 @@ class Publisher:
 
     def _send(self, msg: Message, row_id: int | None) -> None:
         while len(self._pending) >= self.settings.window and self.connected:
-            if self.shared.stop.is_set() and (
+            if self._stop.is_set() and (
                 self._deadline is None or time.monotonic() >= self._deadline
             ):
                 break  # stopping, and a stalled broker must not hold the exit up
@@ -294,7 +322,7 @@ class Publisher:
 
     def _count(self, n: int) -> None:
         self._published += n
-        self.shared.published.value = self._published
+        self.status.update(published=self._published)
 
     def _take_acks(self) -> None:
         acked = 0
@@ -325,63 +353,95 @@ class Publisher:
         self._done = []
 
 
-def _child_main(settings: Settings, shared: Shared, wake: Connection) -> None:
+def main() -> None:
+    """`python -m bridge.publisher`: the first line on stdin is the settings (JSON)."""
+    settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    status = StatusWriter(sys.stdout.buffer)
     try:
-        Publisher(settings, shared, wake).run()
+        Publisher(settings, status, sys.stdin.buffer).run()
     except Exception:
         log.exception("the publisher failed")
-        shared.set_error("the publisher process failed; see the log")
         raise
 
 
 class PublisherProcess:
-    """The webhook process's handle on the publisher: start, poke, read state, stop."""
+    """The webhook process's handle on the publisher: start, poke, read status, stop."""
 
     def __init__(self, settings: Settings) -> None:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads
         self.settings = settings
         self.address = settings.address
-        self.shared = Shared(ctx)
-        reader, writer = ctx.Pipe(duplex=False)
-        self._reader = reader
-        self._writer = writer
-        os.set_blocking(writer.fileno(), False)
-        self._proc = ctx.Process(target=_child_main, args=(settings, self.shared, reader),
-                                 name="esim-bridge-publisher", daemon=True)
+        self.status = Status(error="not started")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
 
     def start(self) -> None:
-        self._proc.start()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.publisher"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the bridge, which stops us in order
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # secrets stay off argv
+        proc.stdin.flush()
+        os.set_blocking(proc.stdin.fileno(), False)
+        self._proc = proc
+        self._reader = threading.Thread(target=self._read_status, name="publisher-status",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read_status(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        decoder = msgspec.json.Decoder(Status)
+        for line in self._proc.stdout:
+            with contextlib.suppress(msgspec.DecodeError):
+                self.status = decoder.decode(line)
+        code = self._proc.wait()
+        self.status = Status(published=self.status.published,
+                             error=f"the publisher process exited ({code}); see the log")
 
     def poke(self) -> None:
         """New rows are in the outbox (called by the store's writer after a commit)."""
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._writer.fileno(), b"\0")
+        if self._proc is not None and self._proc.stdin is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._proc.stdin.fileno(), b"\n")
 
     @property
     def connected(self) -> bool:
-        return bool(self.shared.connected.value) and self._proc.is_alive()
+        return self.status.connected
 
     @property
     def published(self) -> int:
-        return int(self.shared.published.value)
+        return self.status.published
 
     @property
     def last_error(self) -> str | None:
-        if not self._proc.is_alive() and self._proc.exitcode is not None:
-            return f"the publisher process exited ({self._proc.exitcode}); restart esim-bridge"
-        return self.shared.get_error()
+        return self.status.error
 
     def stop(self, drain_seconds: float) -> None:
         """Drain for up to `drain_seconds`, publish `offline`, disconnect, exit."""
-        self.shared.drain_seconds.value = drain_seconds
-        self.shared.stop.set()
-        self.poke()
-        self._proc.join(drain_seconds + 10)
-        if self._proc.is_alive():
+        proc = self._proc
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), True)
+        with contextlib.suppress(OSError):
+            proc.stdin.write(f"S{drain_seconds}\n".encode())
+            proc.stdin.flush()
+        try:
+            proc.wait(drain_seconds + 10)
+        except subprocess.TimeoutExpired:
             log.warning("the publisher did not stop in time; terminating it")
-            self._proc.terminate()
-            self._proc.join(5)
-        self._writer.close()
-        self._reader.close()
+            proc.kill()
+            proc.wait(5)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        if self._reader is not None:
+            self._reader.join(2)
+        self._proc = None
+
+
+if __name__ == "__main__":
+    main()
