@@ -31,15 +31,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import msgspec
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge import store as storage
 from bridge.topics import Message
+
+if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ class Publisher:
         self._published = 0
 
         address = settings.address
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,

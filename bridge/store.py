@@ -14,7 +14,6 @@ Tables:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -27,12 +26,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from bridge import topics
 from bridge.models import Decoded
 from bridge.topics import Message, Record
+
+if TYPE_CHECKING:  # the publisher process imports this module and needs no asyncio
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +269,8 @@ class Store:
         self, decoded: Decoded, body: bytes, received_at: datetime
     ) -> asyncio.Future[Accepted]:
         """`submit` for the event loop: one wake-up of the loop per batch, not per webhook."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Accepted] = loop.create_future()
         self._enqueue(_Ingest(decoded, body, received_at, future, loop))
