@@ -315,7 +315,7 @@ async def _publish_info(services: Services) -> None:
         if payload != last and services.store is not None:
             message = Message(f"{services.config.mqtt.base_topic}/bridge/info", payload, True)
             try:
-                await asyncio.to_thread(services.store.append, [message])
+                services.store.append([message])
                 last = payload
             except StoreUnavailable as exc:
                 log.warning("could not queue bridge/info: %s", exc)

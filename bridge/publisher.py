@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 READ_BATCH = 1000
 ACK_FLUSH = 512
 BIRTH_DELAY = (0.5, 2.5)
+STATUS_EVERY = 0.2
 
 
 class BrokerAddress(msgspec.Struct, frozen=True):
@@ -100,6 +101,7 @@ class StatusWriter:
         self._out = out
         self._lock = threading.Lock()
         self._sent = Status(error="not started")
+        self._sent_at = 0.0
 
     def update(self, **changes: Any) -> None:
         with self._lock:
@@ -107,11 +109,18 @@ class StatusWriter:
                 setattr(self.status, key, value)
 
     def flush(self) -> None:
+        """Send the status if it changed: at once for connected/error, and at most every
+        STATUS_EVERY seconds when only the published count moved (it moves all the time)."""
         with self._lock:
-            if self.status == self._sent:
+            status, sent = self.status, self._sent
+            if status == sent:
                 return
-            line = msgspec.json.encode(self.status) + b"\n"
-            self._sent = msgspec.structs.replace(self.status)
+            only_count = status.connected == sent.connected and status.error == sent.error
+            if only_count and time.monotonic() - self._sent_at < STATUS_EVERY:
+                return
+            line = msgspec.json.encode(status) + b"\n"
+            self._sent = msgspec.structs.replace(status)
+            self._sent_at = time.monotonic()
         with contextlib.suppress(OSError, ValueError):
             self._out.write(line)
             self._out.flush()
@@ -136,7 +145,9 @@ class Publisher:
         self._snapshot_at: float | None = None
         self._stopping = False
         self._deadline: float | None = None  # set when the drain on stop begins
-        self._db = storage.connect(Path(settings.db_path), settings.synchronous)
+        # reads, and deletes of sent rows: a delete lost in a power cut only means a
+        # message is sent again, so it need not wait for the disk
+        self._db = storage.connect(Path(settings.db_path), "off")
         self._published = 0
 
         address = settings.address

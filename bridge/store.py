@@ -1,9 +1,13 @@
 """The embedded store (SQLite): dedup, state and the outbox, written in one transaction.
 
-One writer thread owns every write. Webhooks that arrive together are
-committed together (group commit), so the fsync that makes an acknowledgement
-durable is paid once per batch, not once per webhook. A webhook's future
-resolves only after its COMMIT: that is the moment the HTTP layer may answer 200.
+Webhooks are written on the event loop's own thread: every webhook that reaches
+`submit_async` in one turn of the loop joins one transaction (group commit), so the
+fsync that makes an acknowledgement durable is paid once per batch, and no second
+thread fights the loop for the GIL. A webhook's future resolves only after its
+COMMIT: that is the moment the HTTP layer may answer 200.
+
+Checkpoints (copying the WAL into the database) and forgetting old notify ids run
+on a small maintenance thread, so a commit never pays for a checkpoint.
 
 Tables:
 - `seen`: notify ids (or body hashes) with the time they were first accepted;
@@ -17,13 +21,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
 CREATE TABLE IF NOT EXISTS entity (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -78,25 +81,19 @@ class Accepted:
     messages: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Ingest:
     decoded: Decoded
     body: bytes
     received_at: datetime
-    future: Future[Accepted] | asyncio.Future[Accepted]
-    loop: asyncio.AbstractEventLoop | None = None
 
 
-@dataclass(slots=True)
-class _Call:
-    """Run a function on the writer connection inside a transaction (maintenance work)."""
-
-    fn: Callable[[sqlite3.Connection], int]
-    """Does its work and returns how many outbox rows it added."""
-    future: Future[int] = field(default_factory=Future)
-
-
-_STOP = object()
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback failed")
 
 
 def dedup_key(decoded: Decoded, body: bytes) -> str:
@@ -106,10 +103,15 @@ def dedup_key(decoded: Decoded, body: bytes) -> str:
 
 
 def connect(path: Path, synchronous: str = "full") -> sqlite3.Connection:
+    """A connection in WAL mode. `synchronous`: full (survives a power cut), normal
+    (survives a crash of the process), off (for writes that may be lost, like deleting
+    sent messages: a lost delete only means a message is sent again)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the maintenance thread checkpoints
+    conn.execute("PRAGMA journal_size_limit=67108864")
     return conn
 
 
@@ -118,35 +120,6 @@ def _insert_outbox(conn: sqlite3.Connection, messages: list[Message]) -> None:
         "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
         [(m.topic, m.payload, int(m.retain)) for m in messages],
     )
-
-
-def _settle(outcomes: list[tuple[_Ingest, Accepted | BaseException]]) -> None:
-    """Resolve futures: thread futures directly, loop futures with one wake-up per loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Ingest, Accepted | BaseException]]] = {}
-    for item, outcome in outcomes:
-        if item.loop is None:
-            future = item.future
-            assert isinstance(future, Future)
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-        else:
-            by_loop.setdefault(item.loop, []).append((item, outcome))
-    for loop, pairs in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle_in_loop, pairs)
-
-
-def _settle_in_loop(pairs: list[tuple[_Ingest, Accepted | BaseException]]) -> None:
-    for item, outcome in pairs:
-        future = item.future
-        if future.done():
-            continue  # the request went away (client disconnected)
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 # -- the outbox, as the publisher process sees it (its own connection) -----------------------
@@ -188,7 +161,7 @@ def iter_snapshot(conn: sqlite3.Connection, base: str) -> Iterator[Message]:
 
 
 class Store:
-    """The SQLite store. `open()` starts the writer thread; `close()` stops it."""
+    """The SQLite store. `open()` before use, `close()` after."""
 
     def __init__(
         self,
@@ -208,11 +181,14 @@ class Store:
         self.discovery = discovery
         self.esims = 0
         self.last_error: str | None = None
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._listeners: list[Callable[[], None]] = []
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # one writer at a time: the loop, or startup work
+        self._listeners: list[Callable[[], None]] = []
+        self._pending: list[tuple[_Ingest, asyncio.Future[Accepted]]] = []
+        self._flush_scheduled = False
+        self._stopping = threading.Event()
+        self._maintenance: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -225,23 +201,29 @@ class Store:
         ).fetchone()[0]
         self._conn = conn
         self._reader = connect(self.path, self.synchronous)
-        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-        self._thread.start()
+        self._stopping.clear()
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="store-maintenance", daemon=True
+        )
+        self._maintenance.start()
 
     def close(self) -> None:
-        if self._thread is None:
+        if self._conn is None:
             return
-        self._queue.put(_STOP)
-        self._thread.join(10)
-        self._thread = None
-        for conn in (self._conn, self._reader):
-            if conn is not None:
-                conn.close()
-        self._conn = self._reader = None
+        self._stopping.set()
+        if self._maintenance is not None:
+            self._maintenance.join(10)
+        with self._lock:
+            for conn in (self._conn, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._reader = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._conn is not None and (
+            self._maintenance is not None and self._maintenance.is_alive()
+        )
 
     @property
     def backlog(self) -> int:
@@ -254,45 +236,47 @@ class Store:
             return 0
 
     def on_commit(self, listener: Callable[[], None]) -> None:
-        """Call `listener` (from the writer thread) after a commit added to the outbox."""
+        """Call `listener` after a commit that added to the outbox."""
         self._listeners.append(listener)
 
-    # -- the writer's API --------------------------------------------------------------------
-
-    def submit(self, decoded: Decoded, body: bytes, received_at: datetime) -> Future[Accepted]:
-        """Queue one webhook; the future resolves after its transaction commits."""
-        future: Future[Accepted] = Future()
-        self._enqueue(_Ingest(decoded, body, received_at, future))
-        return future
+    # -- writing -----------------------------------------------------------------------------
 
     def submit_async(
         self, decoded: Decoded, body: bytes, received_at: datetime
     ) -> asyncio.Future[Accepted]:
-        """`submit` for the event loop: one wake-up of the loop per batch, not per webhook."""
+        """Store one webhook with whatever else arrives in this turn of the event loop;
+        the future resolves after the COMMIT (or fails with StoreUnavailable)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Accepted] = loop.create_future()
-        self._enqueue(_Ingest(decoded, body, received_at, future, loop))
+        self._pending.append((_Ingest(decoded, body, received_at), future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return future
 
-    def _enqueue(self, item: _Ingest) -> None:
-        if self._thread is None:
-            _settle([(item, StoreUnavailable("the store is closed"))])
-        else:
-            self._queue.put(item)
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+        if self._pending:  # more than one batch arrived: the rest go next turn
+            self._flush_scheduled = True
+            batch[0][1].get_loop().call_soon(self._flush)
+        outcomes = self._write([item for item, _ in batch])
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # the client went away
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     def ingest(self, decoded: Decoded, body: bytes, received_at: datetime) -> Accepted:
-        """Blocking `submit`, for callers outside the event loop."""
-        return self.submit(decoded, body, received_at).result()
-
-    def call(self, fn: Callable[[sqlite3.Connection], int]) -> int:
-        """Run `fn` in a write transaction on the writer thread; it returns outbox rows added."""
-        item = _Call(fn)
-        if self._thread is None:
-            raise StoreUnavailable("the store is closed")
-        self._queue.put(item)
-        return item.future.result()
+        """Store one webhook now, from any thread (tests, tools)."""
+        outcome = self._write([_Ingest(decoded, body, received_at)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def append(self, messages: list[Message]) -> int:
         """Append finished messages to the outbox (bridge/info, for instance)."""
@@ -301,104 +285,92 @@ class Store:
             _insert_outbox(conn, messages)
             return len(messages)
 
-        return self.call(work)
+        return self._transaction(work)
 
-    # -- the writer thread --------------------------------------------------------------------
+    def _transaction(self, fn: Callable[[sqlite3.Connection], int]) -> int:
+        """Run `fn` in a write transaction; it returns how many outbox rows it added."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreUnavailable("the store is closed")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                added = fn(conn)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        if added:
+            self._notify()
+        return added
 
-    def _run(self) -> None:
-        assert self._conn is not None
-        conn = self._conn
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Checkpoint the WAL every second and forget old notify ids now and then, on a
+        connection of its own (a passive checkpoint never blocks a writer)."""
+        conn = connect(self.path, self.synchronous)
         next_cleanup = 0.0
-        while True:
-            try:
-                first = self._queue.get(timeout=30)
-            except queue.Empty:
-                first = None
-            batch: list[object] = [] if first is None else [first]
-            while len(batch) < BATCH_LIMIT:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = _STOP in batch
-            batch = [item for item in batch if item is not _STOP]
-            if time.monotonic() >= next_cleanup:
-                next_cleanup = time.monotonic() + CLEANUP_EVERY
-                self._cleanup(conn)
-            if batch:
-                self._write(conn, batch)
-            if stop:
-                self._drain_after_stop()
-                return
-
-    def _drain_after_stop(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Ingest):
-                _settle([(item, StoreUnavailable("the store is closing"))])
-            elif isinstance(item, _Call):
-                item.future.set_exception(StoreUnavailable("the store is closing"))
-
-    def _cleanup(self, conn: sqlite3.Connection) -> None:
         try:
-            conn.execute("DELETE FROM seen WHERE at < ?", (time.time() - self.dedup_seconds,))
-        except sqlite3.Error as exc:
-            log.warning("could not forget old notify ids: %s", exc)
+            while not self._stopping.wait(1.0):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    if time.monotonic() >= next_cleanup:
+                        next_cleanup = time.monotonic() + CLEANUP_EVERY
+                        cutoff = time.time() - self.dedup_seconds
+                        with conn:
+                            conn.execute("DELETE FROM seen WHERE at < ?", (cutoff,))
+                except sqlite3.Error as exc:
+                    log.warning("store maintenance could not run: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[object]) -> None:
-        """One transaction for the whole batch; then every webhook in it is answered."""
-        ingests = [item for item in batch if isinstance(item, _Ingest)]
-        calls = [item for item in batch if isinstance(item, _Call)]
+    # -- one batch ---------------------------------------------------------------------------
+
+    def _write(self, ingests: list[_Ingest]) -> list[Accepted | BaseException]:
+        """One transaction for the whole batch: an outcome per webhook, in order."""
         results: list[Accepted | BaseException] = []
-        call_results: list[int] = []
-        added = 0
         new_esims = 0
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            waiting = backlog(conn) if ingests else 0
-            records: dict[str, Record | None] = {}
-            outbox: list[Message] = []
-            for item in ingests:
-                try:
-                    result, new = self._ingest_one(conn, item, records, waiting + len(outbox),
-                                                   outbox)
-                except sqlite3.Error:
-                    raise  # the whole transaction is in doubt: fail the batch
-                except Exception as exc:  # a bug for this body only: keep the others
-                    log.exception("could not store a %s webhook", item.decoded.notify_type)
-                    results.append(exc)
-                    continue
-                results.append(result)
-                new_esims += new
-            _insert_outbox(conn, outbox)
-            added = len(outbox)
-            for call in calls:
-                call_results.append(call.fn(conn))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    log.exception("rollback failed")
-            self.last_error = f"the store cannot write: {exc}"
-            log.error("%s (%d webhooks answered 503)", self.last_error, len(ingests))
-            failure = StoreUnavailable(self.last_error)
-            _settle([(item, failure) for item in ingests])
-            for call in calls:
-                call.future.set_exception(exc)
-            return
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                return [StoreUnavailable("the store is closed") for _ in ingests]
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                waiting = backlog(conn)
+                records: dict[str, Record | None] = {}
+                outbox: list[Message] = []
+                for item in ingests:
+                    try:
+                        result, new = self._ingest_one(
+                            conn, item, records, waiting + len(outbox), outbox
+                        )
+                    except sqlite3.Error:
+                        raise  # the whole transaction is in doubt: fail the batch
+                    except Exception as exc:  # a bug for this body only: keep the others
+                        log.exception("could not store a %s webhook", item.decoded.notify_type)
+                        results.append(exc)
+                        continue
+                    results.append(result)
+                    new_esims += new
+                _insert_outbox(conn, outbox)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                self.last_error = f"the store cannot write: {exc}"
+                log.error("%s (%d webhooks answered 503)", self.last_error, len(ingests))
+                return [StoreUnavailable(self.last_error) for _ in ingests]
         self.last_error = None
         self.esims += new_esims
-        _settle(list(zip(ingests, results, strict=True)))
-        for call, value in zip(calls, call_results, strict=True):
-            call.future.set_result(value)
-        if added or any(call_results):
-            for listener in self._listeners:
-                listener()
+        if outbox:
+            self._notify()
+        return results
 
     def _load(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute("SELECT record FROM entity WHERE key = ?", (key,)).fetchone()
@@ -506,4 +478,4 @@ class Store:
             _insert_outbox(conn, out)
             return len(out)
 
-        return self.call(work)
+        return self._transaction(work)
