@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,26 @@ class EmbeddedBroker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bridge.broker", self.listen],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,  # it says `ready` there once it listens
             start_new_session=True,  # Ctrl-C reaches the bridge, which stops the broker itself
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(
-                    f"the embedded MQTT broker exited at start (code {self.proc.returncode}); "
-                    f"is {self.listen} free? Set mqtt.embedded_listen, or mqtt.url for a broker "
-                    "of your own."
-                )
-            if _port_in_use(self.host, self.port):
-                log.info("embedded MQTT broker listening on %s", self.listen)
-                return
-            time.sleep(0.05)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        self.proc.stdout.close()
+        if line.strip() == b"ready":
+            log.info("embedded MQTT broker listening on %s", self.listen)
+            return
+        try:  # end of output without `ready`: it is exiting; get its code
+            code: int | None = self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            code = None
         self.stop()
+        if code is not None:
+            raise BrokerError(
+                f"the embedded MQTT broker exited at start (code {code}); is {self.listen} "
+                "free? Set mqtt.embedded_listen, or mqtt.url for a broker of your own."
+            )
         raise BrokerError(f"the embedded MQTT broker did not listen on {self.listen} in time")
 
     def stop(self) -> None:
@@ -105,6 +110,7 @@ async def _serve(listen: str) -> None:
 
     broker = Broker(_config(listen))
     await broker.start()
+    print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -42,7 +42,7 @@ from bridge.topics import Message
 if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
     import paho.mqtt.client as mqtt
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.publisher")  # not __main__ when run with -m
 
 READ_BATCH = 1000
 ACK_FLUSH = 512
