@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Mosquitto per test on a free port."""
+"""Shared fixtures: a real Mosquitto on a free port, and subscribers to watch it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,37 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import Mosquitto
+from tests.processes import Watcher
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of the test's own, free to stop, pause and restart."""
     broker = Mosquitto(tmp_path / "mosquitto").start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One Mosquitto for a whole module whose tests leave it running."""
+    mosquitto = Mosquitto(tmp_path_factory.mktemp("broker") / "mosquitto").start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()
+
+
+@pytest.fixture(scope="module")
+def subscriber(broker: Mosquitto) -> Iterator[Watcher]:
+    with Watcher(broker.port, ["esim/#"]) as watching:
+        yield watching
+
+
+@pytest.fixture
+def watcher(subscriber: Watcher) -> Watcher:
+    """The module's subscriber on esim/#, with what earlier tests left behind cleared."""
+    subscriber.clear()
+    return subscriber

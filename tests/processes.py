@@ -194,15 +194,8 @@ class BridgeProcess:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 20)
         self.proc = None
 
 
@@ -249,6 +242,12 @@ class Watcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def clear(self) -> None:
+        """Forget what was seen so far (after letting in-flight messages land)."""
+        self.settle(quiet=0.1)
+        with self._cond:
+            self.messages.clear()
 
     def payloads(self, topic: str) -> list[bytes]:
         with self._cond:
@@ -302,3 +301,25 @@ def retained(port: int, pattern: str = "#", wait: float = 1.0) -> dict[str, byte
     with Watcher(port, [pattern]) as watcher:
         watcher.settle(quiet=wait)
         return {t: p for t, p, r in watcher.messages if r}
+
+
+# /metrics lines that move only when a webhook is stored: equal before and after a request
+# means the request changed nothing.
+STATEFUL = ('outcome="accepted"', 'outcome="duplicate"', 'outcome="raw"', "esim_bridge_esims ")
+
+
+def stateful_metrics(bridge: BridgeProcess) -> list[str]:
+    text = bridge.get("/metrics").body.decode()
+    return sorted(line for line in text.splitlines() if any(key in line for key in STATEFUL))
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, and SIGKILL if it does not exit in `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

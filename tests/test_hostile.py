@@ -21,21 +21,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.brokers import Mosquitto
-from tests.processes import BridgeProcess, Watcher, fixture
+from tests.processes import BridgeProcess, Watcher, fixture, stateful_metrics
 
 LIMIT = 16384
 BODY_TIMEOUT = 2.0
 QUIET = ("esim/bridge/info", "esim/bridge/state")
-STATEFUL = ('outcome="accepted"', 'outcome="duplicate"', 'outcome="raw"', "esim_bridge_esims ")
 
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("hostile") / "mosquitto").start()
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +42,6 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Itera
     finally:
         process.stop()
 
-
-@pytest.fixture(scope="module")
-def subscriber(broker: Mosquitto) -> Iterator[Watcher]:
-    with Watcher(broker.port, ["esim/#"]) as watching:
-        yield watching
-
-
-@pytest.fixture
-def watcher(subscriber: Watcher) -> Watcher:
-    """The module's subscriber on esim/#, with what earlier tests left behind cleared."""
-    subscriber.settle(quiet=0.1)
-    with subscriber._cond:
-        subscriber.messages.clear()
-    return subscriber
-
-
-def stateful_metrics(bridge: BridgeProcess) -> list[str]:
-    """The /metrics lines that move only when a webhook is stored."""
-    text = bridge.get("/metrics").body.decode()
-    return sorted(line for line in text.splitlines() if any(key in line for key in STATEFUL))
 
 
 def published(watcher: Watcher, quiet: float = 0.3) -> list[tuple[str, bytes]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.brokers import Mosquitto, free_port
-from tests.processes import BridgeProcess, Watcher, fixture
+from tests.processes import BridgeProcess, Watcher, fixture, stop_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -218,15 +217,8 @@ class NodeRed:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, 15)
         self.proc = None
 
 

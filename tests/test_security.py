@@ -23,12 +23,18 @@ import pytest
 
 from bridge.security import Gate
 from tests.brokers import Mosquitto
-from tests.processes import ROOT, BridgeProcess, Watcher, fixture, write_config
+from tests.processes import (
+    ROOT,
+    BridgeProcess,
+    Watcher,
+    fixture,
+    stateful_metrics,
+    write_config,
+)
 
 TOKEN = "Tk-9fQ2mZ7xW4vLr"
 WRONG = ("Tk-9fQ2mZ7xW4vL", "Tk-9fQ2mZ7xW4vLrX", "tk-9fq2mz7xw4vlr", "nope-Bq81")
 QUIET = ("esim/bridge/info", "esim/bridge/state")
-STATEFUL = ('outcome="accepted"', 'outcome="duplicate"', 'outcome="raw"', "esim_bridge_esims ")
 
 
 def addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -154,14 +160,6 @@ def test_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 # -- against the real bridge -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path_factory.mktemp("security") / "mosquitto").start()
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
-
 
 def _bridge(
     tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto, http: dict[str, Any]
@@ -211,25 +209,6 @@ def proxied_bridge(
     finally:
         process.stop()
 
-
-@pytest.fixture(scope="module")
-def subscriber(broker: Mosquitto) -> Iterator[Watcher]:
-    with Watcher(broker.port, ["esim/#"]) as watching:
-        yield watching
-
-
-@pytest.fixture
-def watcher(subscriber: Watcher) -> Watcher:
-    """The module's subscriber on esim/#, with what earlier tests left behind cleared."""
-    subscriber.settle(quiet=0.1)
-    with subscriber._cond:
-        subscriber.messages.clear()
-    return subscriber
-
-
-def stateful_metrics(bridge: BridgeProcess) -> list[str]:
-    text = bridge.get("/metrics").body.decode()
-    return sorted(line for line in text.splitlines() if any(key in line for key in STATEFUL))
 
 
 def published(watcher: Watcher) -> list[tuple[str, bytes]]:
