@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS discovery (topic TEXT PRIMARY KEY, payload BLOB NOT N
 """
 
 BATCH_LIMIT = 512
+WRITE_BUSY_MS = 250  # longest wait for another writer (publisher delete, cleanup)
 CLEANUP_EVERY = 600.0
 
 Discovery = Callable[[str, Record], list[Message]]
@@ -199,6 +200,9 @@ class Store:
         self.esims = conn.execute(
             "SELECT count(*) FROM entity WHERE key LIKE 'esim:%'"
         ).fetchone()[0]
+        # The event loop writes on this connection: when someone else holds the lock, it
+        # must answer 503 soon, not stall every request (healthz too) for 5 s per batch.
+        conn.execute(f"PRAGMA busy_timeout={WRITE_BUSY_MS}")
         self._conn = conn
         self._reader = connect(self.path, self.synchronous)
         self._stopping.clear()
