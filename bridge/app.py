@@ -314,11 +314,8 @@ async def _publish_info(services: Services) -> None:
         payload = msgspec.json.encode(services.info())
         if payload != last and services.store is not None:
             message = Message(f"{services.config.mqtt.base_topic}/bridge/info", payload, True)
-            try:
-                services.store.append([message])
-                last = payload
-            except StoreUnavailable as exc:
-                log.warning("could not queue bridge/info: %s", exc)
+            services.store.append_async([message])
+            last = payload
         await asyncio.sleep(INFO_EVERY)
 
 

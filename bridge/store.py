@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,15 @@ class _Ingest:
     decoded: Decoded
     body: bytes
     received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A batch written but not yet committed."""
+
+    results: list[Accepted | BaseException]
+    added: int
+    new_esims: int
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -187,7 +197,10 @@ class Store:
         self._lock = threading.Lock()  # one writer at a time: the loop, or startup work
         self._listeners: list[Callable[[], None]] = []
         self._pending: list[tuple[_Ingest, asyncio.Future[Accepted]]] = []
+        self._extra: list[Message] = []
         self._flush_scheduled = False
+        self._committing = False
+        self._committer: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._maintenance: threading.Thread | None = None
 
@@ -205,6 +218,7 @@ class Store:
         conn.execute(f"PRAGMA busy_timeout={WRITE_BUSY_MS}")
         self._conn = conn
         self._reader = connect(self.path, self.synchronous)
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
         self._stopping.clear()
         self._maintenance = threading.Thread(
             target=self._maintain, name="store-maintenance", daemon=True
@@ -217,6 +231,9 @@ class Store:
         self._stopping.set()
         if self._maintenance is not None:
             self._maintenance.join(10)
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         with self._lock:
             for conn in (self._conn, self._reader):
                 if conn is not None:
@@ -248,25 +265,70 @@ class Store:
     def submit_async(
         self, decoded: Decoded, body: bytes, received_at: datetime
     ) -> asyncio.Future[Accepted]:
-        """Store one webhook with whatever else arrives in this turn of the event loop;
-        the future resolves after the COMMIT (or fails with StoreUnavailable)."""
+        """Store one webhook with whatever else arrives meanwhile; the future resolves after
+        its COMMIT (or fails with StoreUnavailable)."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Accepted] = loop.create_future()
         self._pending.append((_Ingest(decoded, body, received_at), future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        self._schedule(loop)
         return future
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
-        if self._pending:  # more than one batch arrived: the rest go next turn
+    def append_async(self, messages: list[Message]) -> None:
+        """Append finished messages (bridge/info, for instance) with the next batch."""
+        import asyncio
+
+        self._extra.extend(messages)
+        self._schedule(asyncio.get_running_loop())
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_scheduled and not self._committing:
             self._flush_scheduled = True
-            batch[0][1].get_loop().call_soon(self._flush)
-        outcomes = self._write([item for item, _ in batch])
+            loop.call_soon(self._flush, loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write a batch on the loop, then COMMIT it on the committer thread: the loop goes
+        on serving requests during the fsync, and they form the next batch meanwhile."""
+        self._flush_scheduled = False
+        if self._committing or not (self._pending or self._extra):
+            return
+        batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+        extra, self._extra = self._extra, []
+        items = [item for item, _ in batch]
+        self._lock.acquire()  # held until the COMMIT is done (released in _committed)
+        prepared = self._prepare(items, extra)
+        if isinstance(prepared, list):
+            self._lock.release()
+            self._settle(batch, prepared, loop)
+            return
+        assert self._committer is not None
+        self._committing = True
+        done = loop.run_in_executor(self._committer, self._commit)
+        done.add_done_callback(
+            lambda result: self._committed(batch, items, prepared, result, loop)
+        )
+
+    def _committed(
+        self,
+        batch: list[tuple[_Ingest, asyncio.Future[Accepted]]],
+        items: list[_Ingest],
+        prepared: _Prepared,
+        result: asyncio.Future[None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._committing = False
+        self._lock.release()
+        error = result.exception()
+        outcomes = self._failed(items, error) if error else self._done(prepared)
+        self._settle(batch, outcomes, loop)
+
+    def _settle(
+        self,
+        batch: list[tuple[_Ingest, asyncio.Future[Accepted]]],
+        outcomes: list[Accepted | BaseException],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue  # the client went away
@@ -274,16 +336,19 @@ class Store:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+        if self._pending or self._extra:
+            self._schedule(loop)
 
     def ingest(self, decoded: Decoded, body: bytes, received_at: datetime) -> Accepted:
-        """Store one webhook now, from any thread (tests, tools)."""
+        """Store one webhook now, blocking: for callers without an event loop (tests,
+        tools). Not to be mixed with `submit_async` on the same store."""
         outcome = self._write([_Ingest(decoded, body, received_at)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     def append(self, messages: list[Message]) -> int:
-        """Append finished messages to the outbox (bridge/info, for instance)."""
+        """Append finished messages to the outbox now, blocking (startup, tests)."""
 
         def work(conn: sqlite3.Connection) -> int:
             _insert_outbox(conn, messages)
@@ -338,43 +403,74 @@ class Store:
     # -- one batch ---------------------------------------------------------------------------
 
     def _write(self, ingests: list[_Ingest]) -> list[Accepted | BaseException]:
-        """One transaction for the whole batch: an outcome per webhook, in order."""
+        """One transaction for the whole batch, committed here: an outcome per webhook."""
+        with self._lock:
+            prepared = self._prepare(ingests, [])
+            if isinstance(prepared, list):
+                return prepared
+            try:
+                self._commit()
+            except sqlite3.Error as exc:
+                return self._failed(ingests, exc)
+        return self._done(prepared)
+
+    def _prepare(
+        self, ingests: list[_Ingest], extra: list[Message]
+    ) -> _Prepared | list[Accepted | BaseException]:
+        """BEGIN and every statement of the batch, short of the COMMIT; on a failure the
+        transaction is rolled back and the outcomes (all failures) are returned instead."""
+        conn = self._conn
+        if conn is None:
+            return [StoreUnavailable("the store is closed") for _ in ingests]
         results: list[Accepted | BaseException] = []
         new_esims = 0
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                return [StoreUnavailable("the store is closed") for _ in ingests]
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                waiting = backlog(conn)
-                records: dict[str, Record | None] = {}
-                outbox: list[Message] = []
-                for item in ingests:
-                    try:
-                        result, new = self._ingest_one(
-                            conn, item, records, waiting + len(outbox), outbox
-                        )
-                    except sqlite3.Error:
-                        raise  # the whole transaction is in doubt: fail the batch
-                    except Exception as exc:  # a bug for this body only: keep the others
-                        log.exception("could not store a %s webhook", item.decoded.notify_type)
-                        results.append(exc)
-                        continue
-                    results.append(result)
-                    new_esims += new
-                _insert_outbox(conn, outbox)
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                self.last_error = f"the store cannot write: {exc}"
-                log.error("%s (%d webhooks answered 503)", self.last_error, len(ingests))
-                return [StoreUnavailable(self.last_error) for _ in ingests]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            waiting = backlog(conn)
+            records: dict[str, Record | None] = {}
+            outbox: list[Message] = []
+            for item in ingests:
+                try:
+                    result, new = self._ingest_one(
+                        conn, item, records, waiting + len(outbox), outbox
+                    )
+                except sqlite3.Error:
+                    raise  # the whole transaction is in doubt: fail the batch
+                except Exception as exc:  # a bug for this body only: keep the others
+                    log.exception("could not store a %s webhook", item.decoded.notify_type)
+                    results.append(exc)
+                    continue
+                results.append(result)
+                new_esims += new
+            _insert_outbox(conn, outbox + extra)
+        except sqlite3.Error as exc:
+            return self._failed(ingests, exc)
+        return _Prepared(results, len(outbox) + len(extra), new_esims)
+
+    def _commit(self) -> None:
+        """COMMIT, the fsync included; runs on the committer thread for the event loop."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(self._conn)
+            raise
+
+    def _failed(
+        self, ingests: list[_Ingest], exc: BaseException
+    ) -> list[Accepted | BaseException]:
+        if self._conn is not None:
+            _rollback(self._conn)
+        self.last_error = f"the store cannot write: {exc}"
+        log.error("%s (%d webhooks answered 503)", self.last_error, len(ingests))
+        return [StoreUnavailable(self.last_error) for _ in ingests]
+
+    def _done(self, prepared: _Prepared) -> list[Accepted | BaseException]:
         self.last_error = None
-        self.esims += new_esims
-        if outbox:
+        self.esims += prepared.new_esims
+        if prepared.added:
             self._notify()
-        return results
+        return prepared.results
 
     def _load(self, conn: sqlite3.Connection, key: str) -> Record | None:
         row = conn.execute("SELECT record FROM entity WHERE key = ?", (key,)).fetchone()
