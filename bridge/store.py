@@ -1,10 +1,11 @@
 """The embedded store (SQLite): dedup, state and the outbox, written in one transaction.
 
-Webhooks are written on the event loop's own thread: every webhook that reaches
-`submit_async` in one turn of the loop joins one transaction (group commit), so the
-fsync that makes an acknowledgement durable is paid once per batch, and no second
-thread fights the loop for the GIL. A webhook's future resolves only after its
-COMMIT: that is the moment the HTTP layer may answer 200.
+Webhooks that arrive together share one transaction (group commit), so the fsync that
+makes an acknowledgement durable is paid once per batch. The batch's statements run on
+the event loop's own thread; only its COMMIT runs on a committer thread, so the loop
+goes on serving requests (the next batch) during the fsync, and the GIL changes hands
+once per batch, not once per SQLite statement. A webhook's future resolves only after
+its COMMIT: that is the moment the HTTP layer may answer 200.
 
 Checkpoints (copying the WAL into the database) and forgetting old notify ids run
 on a small maintenance thread, so a commit never pays for a checkpoint.
