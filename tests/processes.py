@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +311,26 @@ STATEFUL = ('outcome="accepted"', 'outcome="duplicate"', 'outcome="raw"', "esim_
 def stateful_metrics(bridge: BridgeProcess) -> list[str]:
     text = bridge.get("/metrics").body.decode()
     return sorted(line for line in text.splitlines() if any(key in line for key in STATEFUL))
+
+
+# The bridge's own housekeeping topics, which move without any webhook.
+QUIET = ("esim/bridge/info", "esim/bridge/state")
+
+
+def published(watcher: Watcher, quiet: float = 0.3) -> list[tuple[str, bytes]]:
+    """What reached the broker since the watcher was cleared, housekeeping aside."""
+    watcher.settle(quiet=quiet)
+    return [(t, p) for t, p, _ in watcher.messages if not t.startswith(QUIET)]
+
+
+def assert_changes_nothing(
+    bridge: BridgeProcess, watcher: Watcher, act: Callable[[], None]
+) -> None:
+    """`act` must publish nothing and leave the stored state as it was."""
+    before = stateful_metrics(bridge)
+    act()
+    assert published(watcher) == []
+    assert stateful_metrics(bridge) == before
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

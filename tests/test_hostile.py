@@ -16,16 +16,21 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.brokers import Mosquitto
-from tests.processes import BridgeProcess, Watcher, fixture, stateful_metrics
+from tests.processes import (
+    BridgeProcess,
+    Watcher,
+    assert_changes_nothing,
+    fixture,
+    published,
+)
 
 LIMIT = 16384
 BODY_TIMEOUT = 2.0
-QUIET = ("esim/bridge/info", "esim/bridge/state")
 
 
 
@@ -42,20 +47,6 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Itera
     finally:
         process.stop()
 
-
-
-def published(watcher: Watcher, quiet: float = 0.3) -> list[tuple[str, bytes]]:
-    watcher.settle(quiet=quiet)
-    return [(t, p) for t, p, _ in watcher.messages if not t.startswith(QUIET)]
-
-
-def assert_changes_nothing(
-    bridge: BridgeProcess, watcher: Watcher, act: Callable[[], None]
-) -> None:
-    before = stateful_metrics(bridge)
-    act()
-    assert published(watcher) == []
-    assert stateful_metrics(bridge) == before
 
 
 def webhook(notify_id: str, size: int = 0) -> bytes:

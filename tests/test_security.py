@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,13 @@ from tests.processes import (
     ROOT,
     BridgeProcess,
     Watcher,
+    assert_changes_nothing,
     fixture,
-    stateful_metrics,
     write_config,
 )
 
 TOKEN = "Tk-9fQ2mZ7xW4vLr"
 WRONG = ("Tk-9fQ2mZ7xW4vL", "Tk-9fQ2mZ7xW4vLrX", "tk-9fq2mz7xw4vlr", "nope-Bq81")
-QUIET = ("esim/bridge/info", "esim/bridge/state")
 
 
 def addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -209,20 +208,6 @@ def proxied_bridge(
     finally:
         process.stop()
 
-
-
-def published(watcher: Watcher) -> list[tuple[str, bytes]]:
-    watcher.settle(quiet=0.3)
-    return [(t, p) for t, p, _ in watcher.messages if not t.startswith(QUIET)]
-
-
-def assert_changes_nothing(
-    bridge: BridgeProcess, watcher: Watcher, act: Callable[[], None]
-) -> None:
-    before = stateful_metrics(bridge)
-    act()
-    assert published(watcher) == []
-    assert stateful_metrics(bridge) == before
 
 
 def body(tag: str) -> bytes:
