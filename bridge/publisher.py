@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
 
 log = logging.getLogger("bridge.publisher")  # not __main__ when run with -m
 
-READ_BATCH = 1000
+READ_BATCH = 5000  # larger reads coalesce more superseded retained updates under backlog
 ACK_FLUSH = 512
 BIRTH_DELAY = (0.5, 2.5)
 STATUS_EVERY = 0.2
