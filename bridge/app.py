@@ -175,14 +175,15 @@ def create_app(config: Config) -> Litestar:
             log.warning("rejected a webhook: %s", exc)
             return _error(400, str(exc))
         label = decoded.notify_type if decoded.notify_type in KNOWN_TYPES else "OTHER"
+        # the sender's own string, quoted and cut when unknown: it must not forge log lines
+        shown = decoded.notify_type if label != "OTHER" else repr(decoded.notify_type[:64])
         assert services.store is not None
         try:
             accepted = await services.store.submit_async(decoded, body, received_at)
         except StoreUnavailable as exc:
             metrics.count(label, "unavailable")
-            status = 503
-            log.error("%s answered 503: %s", decoded.notify_type, exc)
-            response = _error(status, str(exc))
+            log.error("%s answered 503: %s", shown, exc)
+            response = _error(503, str(exc))
             if isinstance(exc, OutboxFull):
                 response.headers["Retry-After"] = "30"
             return response
@@ -193,12 +194,11 @@ def create_app(config: Config) -> Litestar:
         elif accepted.warning:
             outcome = "raw"
             metrics.warnings.inc()
-            log.warning("%s accepted raw: %s", decoded.notify_type, accepted.warning)
+            log.warning("%s accepted raw: %r", shown, accepted.warning)
         else:
             outcome = "accepted"
         metrics.count(label, outcome)
-        log.info("%s iccid=%s %s %.1fms", decoded.notify_type, accepted.iccid or "-", outcome,
-                 elapsed * 1000)
+        log.info("%s iccid=%s %s %.1fms", shown, accepted.iccid or "-", outcome, elapsed * 1000)
         return Response(DUPLICATE if accepted.duplicate else OK, media_type=JSON)
 
     path = config.http.path.rstrip("/")

@@ -251,3 +251,14 @@ def test_health_ready_metrics_schema(bridge: BridgeProcess) -> None:
     assert "esim_bridge_outbox_backlog" in metrics
     schema = bridge.get("/schema/openapi.json")
     assert schema.status == 200 and "/webhook" in schema.json()["paths"]
+
+
+def test_a_senders_notify_type_cannot_forge_log_lines(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = json.dumps({"notifyType": "X\nFORGED esim-bridge: all good", "content": {}}).encode()
+    assert bridge.post(body).json() == {"ok": True}
+    assert bridge.post(fixture("check_health")).status == 200  # a line after it, flushed
+    lines = bridge.log().splitlines()
+    assert not [line for line in lines if line.startswith("FORGED")]
+    assert any("'X\\nFORGED" in line for line in lines)
