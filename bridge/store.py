@@ -81,7 +81,6 @@ class Accepted:
     duplicate: bool
     iccid: str | None = None
     warning: str | None = None
-    messages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,15 +347,6 @@ class Store:
             raise outcome
         return outcome
 
-    def append(self, messages: list[Message]) -> int:
-        """Append finished messages to the outbox now, blocking (startup, tests)."""
-
-        def work(conn: sqlite3.Connection) -> int:
-            _insert_outbox(conn, messages)
-            return len(messages)
-
-        return self._transaction(work)
-
     def _transaction(self, fn: Callable[[sqlite3.Connection], int]) -> int:
         """Run `fn` in a write transaction; it returns how many outbox rows it added."""
         with self._lock:
@@ -530,8 +520,7 @@ class Store:
             new_esim = int(prior is None and result.entity.startswith("esim:"))
         outbox.extend(discovery)
         outbox.extend(result.messages)
-        count = len(discovery) + len(result.messages)
-        return Accepted(False, result.iccid, result.warning, count), new_esim
+        return Accepted(False, result.iccid, result.warning), new_esim
 
     def _changed_discovery(
         self, conn: sqlite3.Connection, entity: str, record: Record
