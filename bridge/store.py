@@ -81,6 +81,7 @@ class Accepted:
     duplicate: bool
     iccid: str | None = None
     warning: str | None = None
+    messages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,7 +521,8 @@ class Store:
             new_esim = int(prior is None and result.entity.startswith("esim:"))
         outbox.extend(discovery)
         outbox.extend(result.messages)
-        return Accepted(False, result.iccid, result.warning), new_esim
+        count = len(discovery) + len(result.messages)
+        return Accepted(False, result.iccid, result.warning, count), new_esim
 
     def _changed_discovery(
         self, conn: sqlite3.Connection, entity: str, record: Record
