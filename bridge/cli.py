@@ -18,37 +18,31 @@ EXIT_CONFIG = 2
 SWITCH_INTERVAL = 0.001
 
 
-def _load(path: str | None) -> config.Config:
-    return config.load(Path(path) if path else None)
-
-
-def _print_problems(error: config.ConfigError) -> None:
-    print(f"esim-bridge: {len(error.problems)} problem(s) with the configuration:",
-          file=sys.stderr)
-    for problem in error.problems:
-        print(f"  - {problem}", file=sys.stderr)
+def _load(path: str | None) -> config.Config | None:
+    """The configuration, or None after printing every problem with it."""
+    try:
+        return config.load(Path(path) if path else None)
+    except config.ConfigError as error:
+        print(f"esim-bridge: {len(error.problems)} problem(s) with the configuration:",
+              file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return None
 
 
 def check_config(args: argparse.Namespace) -> int:
-    try:
-        settings = _load(args.config)
-    except config.ConfigError as exc:
-        _print_problems(exc)
+    settings = _load(args.config)
+    if settings is None:
         return EXIT_CONFIG
     print(config.render(settings), end="")
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        settings = _load(args.config)
-    except config.ConfigError as exc:
-        _print_problems(exc)
+    settings = _load(args.config)
+    if settings is None:
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log.level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=settings.log.level.upper(), format=config.LOG_FORMAT)
     logging.getLogger("amqtt").setLevel(logging.ERROR)
 
     import uvicorn

@@ -63,6 +63,9 @@ class StoreConfig(_Section):
     synchronous: str = "full"
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
 class LogConfig(_Section):
     level: str = "info"
 

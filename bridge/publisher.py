@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from bridge import store as storage
+from bridge.config import LOG_FORMAT
 from bridge.topics import Message
 
 if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
@@ -383,8 +384,7 @@ class Publisher:
 def main() -> None:
     """`python -m bridge.publisher`: the first line on stdin is the settings (JSON)."""
     settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
     status = StatusWriter(sys.stdout.buffer)
     try:
         Publisher(settings, status, sys.stdin.buffer).run()
