@@ -333,6 +333,17 @@ def assert_changes_nothing(
     assert stateful_metrics(bridge) == before
 
 
+def assert_survived(bridge: BridgeProcess) -> None:
+    """The bridge still runs, serves and is ready, with no traceback and no 503 so far."""
+    assert bridge.proc is not None and bridge.proc.poll() is None
+    assert bridge.get("/healthz").status == 200
+    assert bridge.get("/readyz").status == 200
+    log = bridge.log()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+    metrics = bridge.get("/metrics").body.decode()
+    assert 'outcome="unavailable"' not in metrics
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM, and SIGKILL if it does not exit in `timeout` seconds."""
     if proc.poll() is None:
