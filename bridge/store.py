@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS discovery (topic TEXT PRIMARY KEY, payload BLOB NOT N
 """
 
 BATCH_LIMIT = 512
-WRITE_BUSY_MS = 250  # longest wait for another writer (publisher delete, cleanup)
+WRITE_BUSY = 0.25  # s: longest wait for another writer (publisher delete, cleanup)
+BLOCKING_BUSY = 5.0  # s: the same, for the blocking writes (startup, tools)
 CLEANUP_EVERY = 600.0
 
 Discovery = Callable[[str, Record], list[Message]]
@@ -98,6 +99,20 @@ class _Prepared:
     results: list[Accepted | BaseException]
     added: int
     new_esims: int
+
+
+def _begin_blocking(conn: sqlite3.Connection, timeout: float = BLOCKING_BUSY) -> None:
+    """BEGIN IMMEDIATE on a connection whose busy handler is off, waiting up to `timeout`
+    for another writer: for the writes that are allowed to block (startup, tools)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.001)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -145,11 +160,24 @@ def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[
     return [(row[0], Message(row[1], bytes(row[2]), bool(row[3]))) for row in rows]
 
 
+def runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Consecutive ids as (first, last) ranges: [1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], i))
+        else:
+            out.append((i, i))
+    return out
+
+
 def delete_outbox(conn: sqlite3.Connection, ids: list[int]) -> None:
-    """Drop rows the broker acknowledged, in one short transaction."""
+    """Drop rows the broker acknowledged, in one short transaction: acknowledgements come
+    in order, so the ids are a few ranges, and a statement per range keeps the write lock
+    (which the webhook side waits for) for microseconds, not a statement per row."""
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        conn.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", runs(ids))
 
 
 def backlog(conn: sqlite3.Connection) -> int:
@@ -200,6 +228,7 @@ class Store:
         self._pending: list[tuple[_Ingest, asyncio.Future[Accepted]]] = []
         self._extra: list[Message] = []
         self._flush_scheduled = False
+        self._busy_since: float | None = None
         self._committing = False
         self._committer: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
@@ -214,9 +243,10 @@ class Store:
         self.esims = conn.execute(
             "SELECT count(*) FROM entity WHERE key LIKE 'esim:%'"
         ).fetchone()[0]
-        # The event loop writes on this connection: when someone else holds the lock, it
-        # must answer 503 soon, not stall every request (healthz too) for 5 s per batch.
-        conn.execute(f"PRAGMA busy_timeout={WRITE_BUSY_MS}")
+        # The event loop writes on this connection, so SQLite's busy handler must never
+        # sleep on it (1 ms at the least, while no request is served): `_flush` tries
+        # again on a later turn of the loop instead, and answers 503 after WRITE_BUSY.
+        conn.execute("PRAGMA busy_timeout=0")
         self._conn = conn
         self._reader = connect(self.path, self.synchronous)
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
@@ -294,10 +324,18 @@ class Store:
         self._flush_scheduled = False
         if self._committing or not (self._pending or self._extra):
             return
+        self._lock.acquire()  # held until the COMMIT is done (released in _committed)
+        error = self._begin(loop)
+        if error is False:  # another writer has the lock: the batch waits for a later turn
+            self._lock.release()
+            return
         batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
         extra, self._extra = self._extra, []
         items = [item for item, _ in batch]
-        self._lock.acquire()  # held until the COMMIT is done (released in _committed)
+        if error is not None:
+            self._lock.release()
+            self._settle(batch, self._failed(items, error), loop)
+            return
         prepared = self._prepare(items, extra)
         if isinstance(prepared, list):
             self._lock.release()
@@ -310,6 +348,34 @@ class Store:
             lambda result: self._committed(batch, items, prepared, result, loop)
         )
 
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> BaseException | bool | None:
+        """BEGIN IMMEDIATE without ever sleeping on the loop. None: begun. False: another
+        writer holds the lock, `_flush` is scheduled again (at once for the first
+        millisecond, then every millisecond). An error: give up on this batch (503)."""
+        conn = self._conn
+        if conn is None:
+            return StoreUnavailable("the store is closed")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                return exc
+            now = time.monotonic()
+            since = self._busy_since = self._busy_since or now
+            if now - since >= WRITE_BUSY:
+                self._busy_since = None
+                return exc
+            self._flush_scheduled = True
+            if now - since < 0.001:
+                loop.call_soon(self._flush, loop)
+            else:
+                loop.call_later(0.001, self._flush, loop)
+            return False
+        except sqlite3.Error as exc:
+            return exc
+        self._busy_since = None
+        return None
+
     def _committed(
         self,
         batch: list[tuple[_Ingest, asyncio.Future[Accepted]]],
@@ -320,6 +386,10 @@ class Store:
     ) -> None:
         self._committing = False
         self._lock.release()
+        # the next batch first: its statements run, and its COMMIT goes to the thread,
+        # before the answers to this one are written (they overlap with that COMMIT)
+        if self._pending or self._extra:
+            self._schedule(loop)
         error = result.exception()
         outcomes = self._failed(items, error) if error else self._done(prepared)
         self._settle(batch, outcomes, loop)
@@ -355,7 +425,7 @@ class Store:
             if conn is None:
                 raise StoreUnavailable("the store is closed")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                _begin_blocking(conn)
                 added = fn(conn)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -397,6 +467,12 @@ class Store:
     def _write(self, ingests: list[_Ingest]) -> list[Accepted | BaseException]:
         """One transaction for the whole batch, committed here: an outcome per webhook."""
         with self._lock:
+            if self._conn is None:
+                return [StoreUnavailable("the store is closed") for _ in ingests]
+            try:
+                _begin_blocking(self._conn)
+            except sqlite3.Error as exc:
+                return self._failed(ingests, exc)
             prepared = self._prepare(ingests, [])
             if isinstance(prepared, list):
                 return prepared
@@ -409,15 +485,15 @@ class Store:
     def _prepare(
         self, ingests: list[_Ingest], extra: list[Message]
     ) -> _Prepared | list[Accepted | BaseException]:
-        """BEGIN and every statement of the batch, short of the COMMIT; on a failure the
-        transaction is rolled back and the outcomes (all failures) are returned instead."""
+        """Every statement of the batch in the transaction its caller began, short of the
+        COMMIT; on a failure the transaction is rolled back and the outcomes (all
+        failures) are returned instead."""
         conn = self._conn
         if conn is None:
             return [StoreUnavailable("the store is closed") for _ in ingests]
         results: list[Accepted | BaseException] = []
         new_esims = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
             waiting = backlog(conn)
             records: dict[str, Record | None] = {}
             outbox: list[Message] = []

@@ -487,6 +487,26 @@ def test_no_200_before_the_commit_and_a_locked_store_answers_503(
         assert_delivered(list(watcher.messages), batch)
 
 
+def test_a_writer_holding_the_store_briefly_delays_webhooks_not_refuses_them(
+    broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    """Another writer (the publisher deleting sent rows, the cleanup) holds the lock for
+    a moment now and then: the webhooks that arrive meanwhile wait for it, and get 200."""
+    broker.start()
+    bridge = make_bridge(broker.url).start()
+    batch = hooks("brief", iccids("12", 4), 8)
+    lock = sqlite3.connect(bridge.workdir / "bridge.db", isolation_level=None, timeout=10)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        poster = Poster(bridge, batch, timeout=10.0).start()
+        time.sleep(0.1)  # well inside the bridge's patience for another writer (0.25 s)
+        lock.rollback()
+        poster.join()
+    finally:
+        lock.close()
+    assert poster.statuses() == {200: len(batch)}, poster.answers
+
+
 def test_kill9_while_draining_is_at_least_once(
     broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
 ) -> None:

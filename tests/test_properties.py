@@ -12,6 +12,7 @@ sees the same examples every run.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from bridge.app import discovery_for
 from bridge.config import Config
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
-from bridge.store import Store
+from bridge.store import SCHEMA, Store, delete_outbox
 from bridge.topics import SEGMENT, Record, plan
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, assert_survived
@@ -217,6 +218,20 @@ def test_decode_and_plan_take_every_well_formed_body(case: tuple[dict[str, Any],
         record = msgspec.msgpack.decode(msgspec.msgpack.encode(result.record), type=Record)
         again = plan(decoded, raw, record, NOW + timedelta(seconds=1), BASE)
         assert len([m for m in again.messages if m.topic.startswith(f"{BASE}/event/")]) == 1
+
+
+@FAST
+@given(st.lists(st.integers(1, 60), max_size=60), st.lists(st.integers(1, 60), max_size=60))
+def test_deleting_sent_messages_deletes_exactly_those(stored: list[int], sent: list[int]) -> None:
+    """The publisher deletes acknowledged rows by ranges of ids: never a row in between
+    that was not acknowledged (it would be lost), never fewer than were acknowledged."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA)
+    conn.executemany("INSERT INTO outbox (id, topic, payload, retain) VALUES (?, 't', x'', 1)",
+                     [(i,) for i in set(stored)])
+    delete_outbox(conn, sent)
+    left = {row[0] for row in conn.execute("SELECT id FROM outbox")}
+    assert left == set(stored) - set(sent)
 
 
 @pytest.fixture(scope="module")
