@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
@@ -326,7 +326,7 @@ class Store:
             return
         self._lock.acquire()  # held until the COMMIT is done (released in _committed)
         error = self._begin(loop)
-        if error is False:  # another writer has the lock: the batch waits for a later turn
+        if error == "busy":  # another writer has the lock: the batch waits for a later turn
             self._lock.release()
             return
         batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
@@ -348,8 +348,8 @@ class Store:
             lambda result: self._committed(batch, items, prepared, result, loop)
         )
 
-    def _begin(self, loop: asyncio.AbstractEventLoop) -> BaseException | bool | None:
-        """BEGIN IMMEDIATE without ever sleeping on the loop. None: begun. False: another
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> BaseException | Literal["busy"] | None:
+        """BEGIN IMMEDIATE without ever sleeping on the loop. None: begun. "busy": another
         writer holds the lock, `_flush` is scheduled again (at once for the first
         millisecond, then every millisecond). An error: give up on this batch (503)."""
         conn = self._conn
@@ -370,7 +370,7 @@ class Store:
                 loop.call_soon(self._flush, loop)
             else:
                 loop.call_later(0.001, self._flush, loop)
-            return False
+            return "busy"
         except sqlite3.Error as exc:
             return exc
         self._busy_since = None
