@@ -234,6 +234,16 @@ def test_deleting_sent_messages_deletes_exactly_those(stored: list[int], sent: l
     assert left == set(stored) - set(sent)
 
 
+def test_deleting_many_scattered_messages_takes_several_statements() -> None:
+    """More ranges than one DELETE takes (every other row acknowledged)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA)
+    conn.executemany("INSERT INTO outbox (id, topic, payload, retain) VALUES (?, 't', x'', 1)",
+                     [(i,) for i in range(1, 1001)])
+    delete_outbox(conn, list(range(1, 1001, 2)))  # 500 ranges of one id each
+    assert [row[0] for row in conn.execute("SELECT id FROM outbox")] == list(range(2, 1001, 2))
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     """A real store with Home Assistant discovery on, so odd fields reach that code too."""
