@@ -47,6 +47,10 @@ log = logging.getLogger("bridge.publisher")  # not __main__ when run with -m
 
 READ_BATCH = 5000  # larger reads coalesce more superseded retained updates under backlog
 ACK_FLUSH = 512
+# Sent rows are deleted in batches, at most this often when the outbox runs dry: each
+# delete is a write to the store (pages in the WAL, later copied into the database), and
+# a delete per webhook doubled the disk writes at moderate rates.
+DELETE_EVERY = 0.2
 BIRTH_DELAY = (0.5, 2.5)
 STATUS_EVERY = 0.2
 
@@ -142,6 +146,7 @@ class Publisher:
         self._acks: collections.deque[int] = collections.deque()
         self._done: list[int] = []  # outbox ids acknowledged, waiting to be deleted
         self._cursor = 0
+        self._flushed_at = 0.0
         self._wake = threading.Event()
         self._snapshot_at: float | None = None
         self._stopping = False
@@ -286,7 +291,8 @@ class Publisher:
         if rows:
             self._publish_rows(rows)
             return
-        self._flush_done()
+        if time.monotonic() - self._flushed_at >= DELETE_EVERY:
+            self._flush_done()
         self._wake.wait(0.25 if self._snapshot_at is None else 0.05)
 
     def _drain(self, seconds: float) -> None:
@@ -381,6 +387,7 @@ class Publisher:
             log.warning("could not delete sent messages from the outbox: %s", exc)
             return
         self._done = []
+        self._flushed_at = time.monotonic()
 
 
 def main() -> None:
