@@ -42,7 +42,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    logging.basicConfig(level=settings.log.level.upper(), format=config.LOG_FORMAT)
+    config.configure_logging(settings.log.level)
     logging.getLogger("amqtt").setLevel(logging.ERROR)
 
     import uvicorn

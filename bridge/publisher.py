@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from bridge import store as storage
-from bridge.config import LOG_FORMAT
+from bridge.config import configure_logging
 from bridge.topics import Message
 
 if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
@@ -393,7 +393,7 @@ class Publisher:
 def main() -> None:
     """`python -m bridge.publisher`: the first line on stdin is the settings (JSON)."""
     settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    configure_logging(settings.log_level)
     status = StatusWriter(sys.stdout.buffer)
     try:
         Publisher(settings, status, sys.stdin.buffer).run()
