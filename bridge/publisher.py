@@ -166,7 +166,9 @@ class Publisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        client = mqtt.Client(
+        from bridge.mqttclient import BufferedClient
+
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=mqtt.MQTTv311,
@@ -222,7 +224,8 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
         self._acks.append(mid)
-        self._wake.set()
+        if len(self._acks) == 1:  # the loop took all the others: it may be waiting
+            self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.settings.birth_topic and message.payload == b"online":
