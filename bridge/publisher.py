@@ -15,6 +15,11 @@ order received.
 On every connect: `bridge/state` = `online`, then every retained message the store
 stands for (discovery, per-eSIM state), because the broker may have lost them.
 Home Assistant's birth message triggers the same, after a short random delay.
+
+paho runs on the publisher's own thread (`_wait`: select, then paho's loop_read,
+loop_write and loop_misc), not on a network thread of its own: with two threads, every
+message crossed paho's locks and the GIL between them, and cost a wake-up byte on a
+socket pair besides. A second, idle thread only reads the parent's pipe.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import logging
 import os
 import random
+import select
 import sqlite3
 import ssl
 import subprocess
@@ -53,6 +59,7 @@ ACK_FLUSH = 512
 DELETE_EVERY = 0.2
 BIRTH_DELAY = (0.5, 2.5)
 STATUS_EVERY = 0.2
+RECONNECT_DELAY = (1.0, 10.0)  # s: the first retry, and the longest wait between retries
 
 
 class BrokerAddress(msgspec.Struct, frozen=True):
@@ -131,6 +138,28 @@ class StatusWriter:
             self._out.flush()
 
 
+class Waker:
+    """A flag the publisher's loop can wait for in the same select() as the broker's
+    socket: `set()` from any thread writes a byte to a pipe, `clear()` empties it."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: it is set already
+            os.write(self._write, b"!")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+
 class Publisher:
     """Drains the outbox into one paho client. Runs in the publisher process."""
 
@@ -147,7 +176,9 @@ class Publisher:
         self._done: list[int] = []  # outbox ids acknowledged, waiting to be deleted
         self._cursor = 0
         self._flushed_at = 0.0
-        self._wake = threading.Event()
+        self._wake = Waker()
+        self._next_connect = 0.0
+        self._connect_delay = RECONNECT_DELAY[0]
         self._snapshot_at: float | None = None
         self._stopping = False
         self._deadline: float | None = None  # set when the drain on stop begins
@@ -178,7 +209,6 @@ class Publisher:
         # flight on each PUBACK (`_update_inflight`: a fifth of this process's CPU at 1,000).
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.will_set(self.state_topic, b"offline", qos=settings.qos, retain=True)
         if address.username is not None:
             client.username_pw_set(address.username, address.password)
@@ -190,12 +220,13 @@ class Publisher:
         client.on_message = self._on_message
         self.client = client
 
-    # -- paho callbacks (paho's network thread; short, and lock-free) ------------------------
+    # -- paho callbacks (called by paho inside `_wait`, on this thread) ----------------------
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         if reason.is_failure:
+            self._connect_delay = min(self._connect_delay * 2, RECONNECT_DELAY[1])
             error = f"the broker refused the connection: {reason}"
             self.status.update(error=error)
             self.status.flush()
@@ -204,6 +235,7 @@ class Publisher:
         address = self.settings.address
         log.info("connected to the broker at %s:%d", address.host, address.port)
         self.connected = True
+        self._connect_delay = RECONNECT_DELAY[0]
         self.status.update(connected=True, error=None)
         self.status.flush()
         if self.settings.birth_topic is not None:
@@ -217,6 +249,7 @@ class Publisher:
         if self.connected and not self._stopping:
             log.warning("lost the broker (%s); reconnecting", reason)
         self.connected = False
+        self._next_connect = time.monotonic() + self._connect_delay
         self.status.update(connected=False, error=f"disconnected from the broker: {reason}")
         self.status.flush()
 
@@ -224,8 +257,6 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
         self._acks.append(mid)
-        if len(self._acks) == 1:  # the loop took all the others: it may be waiting
-            self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.settings.birth_topic and message.payload == b"online":
@@ -242,7 +273,6 @@ class Publisher:
         self.status.update(error=f"connecting to {address.host}:{address.port}")
         self.status.flush()
         self.client.connect_async(address.host, address.port, self.settings.keepalive)
-        self.client.loop_start()
         threading.Thread(target=self._listen, name="publisher-control", daemon=True).start()
         try:
             while not self._stop.is_set():
@@ -255,10 +285,10 @@ class Publisher:
             self._flush_done()
             if self.connected:
                 info = self.client.publish(self.state_topic, b"offline", self.settings.qos, True)
-                with contextlib.suppress(RuntimeError, ValueError):
-                    info.wait_for_publish(timeout=2.0)
+                deadline = time.monotonic() + 2.0
+                while self.connected and not info.is_published() and time.monotonic() < deadline:
+                    self._wait(0.05)
                 self.client.disconnect()
-            self.client.loop_stop()
             self.status.update(connected=False)
             self.status.flush()
 
@@ -281,11 +311,11 @@ class Publisher:
             self._wake.set()
 
     def _step(self) -> None:
-        self._wake.clear()
+        self._wait(0)  # what the broker sent meanwhile: acknowledgements, mostly
         self._take_acks()
         if not self.connected:
             self._flush_done()
-            self._wake.wait(0.5)
+            self._wait(0.5)
             return
         if self._snapshot_at is not None and time.monotonic() >= self._snapshot_at:
             self._snapshot_at = None
@@ -296,7 +326,46 @@ class Publisher:
             return
         if time.monotonic() - self._flushed_at >= DELETE_EVERY:
             self._flush_done()
-        self._wake.wait(0.25 if self._snapshot_at is None else 0.05)
+        self._wait(0.25 if self._snapshot_at is None else 0.05)
+
+    def _wait(self, timeout: float) -> None:
+        """Wait up to `timeout` for a poke from the parent or for the broker, then let paho
+        read what arrived (PUBACKs call `_on_publish`), write what it queued and ping."""
+        client = self.client
+        sock = client.socket()
+        if sock is None:
+            self._connect_when_due()
+            sock = client.socket()
+        readable: list[Any] = [self._wake] if sock is None else [self._wake, sock]
+        writable = [sock] if sock is not None and client.want_write() else []
+        try:
+            ready, _, _ = select.select(readable, writable, [], timeout)
+        except (OSError, ValueError):  # the socket was closed under us
+            ready = []
+        if self._wake in ready:
+            self._wake.clear()
+        if sock is None or client.socket() is not sock:
+            return
+        if sock in ready:
+            client.loop_read()
+        if client.want_write():
+            client.loop_write()
+        client.loop_misc()  # keepalive: a PINGREQ when due, and a dead connection noticed
+
+    def _connect_when_due(self) -> None:
+        """(Re)connect once the back-off allows: 1 s after a failure, doubling to 10 s."""
+        now = time.monotonic()
+        if now < self._next_connect:
+            return
+        address = self.settings.address
+        try:
+            self.client.reconnect()  # to the address connect_async() stored
+        except (OSError, ValueError) as exc:  # refused, unreachable, TLS, DNS
+            self._next_connect = now + self._connect_delay
+            self._connect_delay = min(self._connect_delay * 2, RECONNECT_DELAY[1])
+            self.status.update(
+                error=f"cannot connect to {address.host}:{address.port}: {exc}")
+            self.status.flush()
 
     def _drain(self, seconds: float) -> None:
         """On stop: keep sending until the outbox is empty, or `seconds` have passed."""
@@ -341,8 +410,7 @@ class Publisher:
                 self._deadline is None or time.monotonic() >= self._deadline
             ):
                 break  # stopping, and a stalled broker must not hold the exit up
-            self._wake.wait(0.1)
-            self._wake.clear()
+            self._wait(0.1)
             self._take_acks()
         info = self.client.publish(msg.topic, msg.payload, qos=self.settings.qos,
                                    retain=msg.retain)
