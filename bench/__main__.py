@@ -19,7 +19,7 @@ from types import FrameType
 
 from bench.measurement import RoundResult, measure_publisher, measure_webhook_system
 from bench.plan import FULL, QUICK, Plan
-from bench.report import machine, render, summarize
+from bench.report import disk, machine, render, summarize
 from bench.scale import run_scale
 from bench.system import ROOT, SystemSpec, all_systems
 from tests.brokers import Mosquitto
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     with tempfile.TemporaryDirectory(prefix="esim-bench-") as tmp:
         workdir = Path(tmp)
+        disk_line = disk(workdir)
+        print(f"disk: {disk_line}", flush=True)
+        machine_line += f"; disk: {disk_line}"
         broker = Mosquitto(workdir / "mosquitto").start()
         try:
             for n in range(1, plan.rounds + 1):
