@@ -1,10 +1,12 @@
-"""paho's client, reading the socket in large gulps instead of a few bytes at a time.
+"""paho's client, using the socket in large gulps instead of a few bytes at a time.
 
 paho reads every packet with at least three recv() calls (the type byte, the length,
 the rest): for the PUBACKs of a QoS 1 stream, a 4-byte packet each, that was three
 system calls per message and the largest single cost of the publisher's network thread.
-This client reads whatever the socket has (up to READ_AHEAD bytes) and serves paho's
-small reads from that buffer. Only the publisher process imports it (and so paho).
+And it writes each packet with a send() of its own. This client reads whatever the
+socket has (up to READ_AHEAD bytes) and serves paho's small reads from that buffer, and
+collects the packets paho writes in one `loop_write()` to send them together. Only the
+publisher process imports it (and so paho).
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 READ_AHEAD = 65536
+
+
+def write_later(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """For `on_socket_register_write`: with it set, paho queues each packet instead of
+    writing it at once, and the caller's loop writes them all in its next loop_write."""
 
 
 class BufferedClient(mqtt.Client):
@@ -27,6 +34,8 @@ class BufferedClient(mqtt.Client):
     _buffer: bytes = b""
     _offset: int = 0
     _buffered_socket: object = None
+    _outgoing: bytearray | None = None  # collected during loop_write, for this socket
+    _outgoing_socket: object = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._sock is not self._buffered_socket:  # a new connection: start empty
@@ -39,6 +48,46 @@ class BufferedClient(mqtt.Client):
         start = self._offset
         self._offset = min(start + bufsize, len(self._buffer))
         return self._buffer[start:self._offset]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._outgoing is None or self._sock is not self._outgoing_socket:
+            return super()._sock_send(buf)  # outside loop_write: as paho does
+        self._outgoing += buf
+        return len(buf)
+
+    def _send_outgoing(self) -> None:
+        """Send what loop_write collected; what the socket does not take yet stays for the
+        next call (`want_write` says so, and the caller's select waits for room)."""
+        if not self._outgoing or self._sock is not self._outgoing_socket:
+            self._outgoing = None
+            return
+        try:
+            sent = super()._sock_send(self._outgoing)
+        except BlockingIOError:
+            return
+        except OSError:  # the connection is gone: paho resends what was unacknowledged
+            self._outgoing = None
+            return
+        del self._outgoing[:sent]
+
+    def want_write(self) -> bool:
+        return bool(self._outgoing) or super().want_write()
+
+    def loop_write(self) -> MQTTErrorCode:
+        self._send_outgoing()
+        if self._outgoing:  # still full: paho's packets wait their turn, in order
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._outgoing, self._outgoing_socket = bytearray(), self._sock
+        try:
+            rc = super().loop_write()
+        finally:
+            self._send_outgoing()
+        return rc
+
+    def _sock_close(self) -> None:
+        self._send_outgoing()  # a DISCONNECT paho just wrote goes out before the close
+        self._outgoing = None
+        super()._sock_close()
 
     def _buffered(self) -> bool:
         return self._sock is self._buffered_socket and self._offset < len(self._buffer)

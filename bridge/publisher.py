@@ -197,7 +197,7 @@ class Publisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from bridge.mqttclient import BufferedClient
+        from bridge.mqttclient import BufferedClient, write_later
 
         client = BufferedClient(
             CallbackAPIVersion.VERSION2,
@@ -209,6 +209,8 @@ class Publisher:
         # flight on each PUBACK (`_update_inflight`: a fifth of this process's CPU at 1,000).
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
+        # a packet waits for `_wait`'s loop_write, which sends all that are queued at once
+        client.on_socket_register_write = write_later
         client.will_set(self.state_topic, b"offline", qos=settings.qos, retain=True)
         if address.username is not None:
             client.username_pw_set(address.username, address.password)
