@@ -106,7 +106,7 @@ class Status(msgspec.Struct):
 
 
 class StatusWriter:
-    """Writes `Status` lines to the parent (from paho's thread and the loop: locked)."""
+    """Writes `Status` lines to the parent (one writer now; the lock keeps it safe for more)."""
 
     def __init__(self, out: IO[bytes]) -> None:
         self.status = Status()

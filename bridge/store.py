@@ -67,7 +67,7 @@ CHECKPOINT_EVERY = 0.1  # s: small checkpoints, so the database's fsync is small
 # state, indexes): 13 KB per acknowledgement at 1 KB against 29 KB at SQLite's default
 # 4 KB. Less to fsync, fewer stalls on a busy disk, less wear on an SD card.
 PAGE_SIZE = 1024
-RESTART_FRAMES = 1000  # WAL pages (4 KB each) before the WAL is started over
+RESTART_FRAMES = 1000  # WAL pages (of PAGE_SIZE in a new database) before it starts over
 RESTART_BUSY = 0.02  # s
 
 Discovery = Callable[[str, Record], list[Message]]
