@@ -184,11 +184,11 @@ class Publisher:
         self._deadline: float | None = None  # set when the drain on stop begins
         # reads, and deletes of sent rows: a delete lost in a power cut only means a
         # message is sent again, so it need not wait for the disk
-        self._db = storage.connect(Path(settings.db_path), "off")
+        self._db = storage.connect(Path(settings.db_path), "off", storage.SMALL_CACHE_KIB)
         # Deletes never wait for the bridge's write lock: when it is busy committing, the
         # ids are kept and deleted with the next ones, instead of SQLite's busy handler
         # sleeping (1, 2, 5, 10 ms...) here while messages wait to be published.
-        self._deleter = storage.connect(Path(settings.db_path), "off")
+        self._deleter = storage.connect(Path(settings.db_path), "off", storage.SMALL_CACHE_KIB)
         self._deleter.execute("PRAGMA busy_timeout=0")
         self._delete_warned = 0.0
         self._published = 0
