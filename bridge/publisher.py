@@ -60,6 +60,8 @@ DELETE_EVERY = 0.2
 BIRTH_DELAY = (0.5, 2.5)
 STATUS_EVERY = 0.2
 RECONNECT_DELAY = (1.0, 10.0)  # s: the first retry, and the longest wait between retries
+RESTART_DELAY = (1.0, 30.0)  # s: a publisher that died is started again after this, doubling
+RESTART_RESET = 60.0  # s: a publisher that ran this long starts the back-off over
 
 
 class BrokerAddress(msgspec.Struct, frozen=True):
@@ -476,7 +478,11 @@ def main() -> None:
 
 
 class PublisherProcess:
-    """The webhook process's handle on the publisher: start, poke, read status, stop."""
+    """The webhook process's handle on the publisher: start, poke, read status, stop.
+
+    A publisher that exits on its own (a bug, the OOM killer) is started again, after 1 s
+    and then longer (up to 30 s) while it keeps dying; meanwhile /readyz says why, and
+    the outbox keeps every message for it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -484,8 +490,16 @@ class PublisherProcess:
         self.status = Status(error="not started")
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()  # starting again, against stopping
+        self._stopping = threading.Event()
+        self._published_before = 0  # by the processes that came before this one
+        self._restart_delay = RESTART_DELAY[0]
 
     def start(self) -> None:
+        with self._lock:
+            self._spawn()
+
+    def _spawn(self) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bridge.publisher"],
             stdin=subprocess.PIPE,
@@ -497,19 +511,39 @@ class PublisherProcess:
         proc.stdin.flush()
         os.set_blocking(proc.stdin.fileno(), False)
         self._proc = proc
-        self._reader = threading.Thread(target=self._read_status, name="publisher-status",
-                                        daemon=True)
+        self._reader = threading.Thread(target=self._read_status, args=(proc,),
+                                        name="publisher-status", daemon=True)
         self._reader.start()
 
-    def _read_status(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
+    def _read_status(self, proc: subprocess.Popen[bytes]) -> None:
+        """Follow one publisher process's status until it exits; then start another,
+        unless we are stopping."""
+        assert proc.stdout is not None
+        started = time.monotonic()
         decoder = msgspec.json.Decoder(Status)
-        for line in self._proc.stdout:
+        for line in proc.stdout:
             with contextlib.suppress(msgspec.DecodeError):
                 self.status = decoder.decode(line)
-        code = self._proc.wait()
+        code = proc.wait()
+        error = f"the publisher process exited ({code}); see the log"
+        self.status = Status(published=self.status.published, error=error)
+        if self._stopping.is_set():
+            return
+        if time.monotonic() - started >= RESTART_RESET:
+            self._restart_delay = RESTART_DELAY[0]
+        delay = self._restart_delay
+        self._restart_delay = min(delay * 2, RESTART_DELAY[1])
+        log.error("the publisher process exited (%s); starting it again in %.0f s", code, delay)
         self.status = Status(published=self.status.published,
-                             error=f"the publisher process exited ({code}); see the log")
+                             error=f"{error}; starting it again in {delay:.0f} s")
+        if self._stopping.wait(delay):
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._published_before += self.status.published
+            self.status = Status(error="starting the publisher again")
+            self._spawn()
 
     def poke(self) -> None:
         """New rows are in the outbox (called by the store's writer after a commit)."""
@@ -523,7 +557,7 @@ class PublisherProcess:
 
     @property
     def published(self) -> int:
-        return self.status.published
+        return self._published_before + self.status.published
 
     @property
     def last_error(self) -> str | None:
@@ -531,6 +565,11 @@ class PublisherProcess:
 
     def stop(self, drain_seconds: float) -> None:
         """Drain for up to `drain_seconds`, publish `offline`, disconnect, exit."""
+        self._stopping.set()
+        with self._lock:
+            self._stop(drain_seconds)
+
+    def _stop(self, drain_seconds: float) -> None:
         proc = self._proc
         if proc is None:
             return

@@ -450,6 +450,31 @@ def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
     assert_retained_state(broker.port, acked, poster.unanswered())
 
 
+def test_a_killed_publisher_is_started_again_and_loses_nothing(
+    broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    """The publisher process dies (a bug, the OOM killer) while webhooks keep coming: the
+    bridge says so on /readyz, starts it again, and everything acknowledged is published."""
+    broker.start()
+    bridge = make_bridge(broker.url).start()
+    assert bridge.proc is not None
+    children = [pid for pid in family(bridge.proc.pid) if pid != bridge.proc.pid]
+    assert len(children) == 1, f"expected one publisher process, found {children}"
+    batch = hooks("respawn", iccids("13", 4), 200)
+    with Watcher(broker.port, ["esim/#"]) as watcher:
+        poster = Poster(bridge, batch).start()
+        poster.wait_acked(50)
+        os.kill(children[0], signal.SIGKILL)
+        poster.join()
+        assert poster.statuses() == {200: len(batch)}, "the webhook side must not notice"
+        wait_for_events([watcher], ids(batch))
+        watcher.settle()
+        assert_delivered(list(watcher.messages), batch)
+    wait_until(lambda: bridge.get("/readyz").status == 200, "ready again", timeout=15)
+    again = [pid for pid in family(bridge.proc.pid) if pid != bridge.proc.pid]
+    assert len(again) == 1 and again != children, again
+
+
 def test_no_200_before_the_commit_and_a_locked_store_answers_503(
     broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
 ) -> None:
