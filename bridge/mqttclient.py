@@ -27,8 +27,8 @@ class BufferedClient(mqtt.Client):
 
     `_sock_recv` is paho's one place that reads the socket (2.x). `loop_read` reads at
     most as many packets as messages are in flight, then waits for the socket to be
-    readable again: packets already in the buffer would wait with it, so it goes on
-    while the buffer holds any.
+    readable again: packets already in the buffer (or, with TLS, in the SSL object) would
+    wait with it, so it goes on while there are any.
     """
 
     _buffer: bytes = b""
@@ -90,6 +90,13 @@ class BufferedClient(mqtt.Client):
         super()._sock_close()
 
     def _buffered(self) -> bool:
+        """Bytes already read that select() cannot see: in our buffer, or (TLS) decrypted
+        and waiting in the SSL object, which paho's own loop checks for the same reason."""
+        if self._sock is None:
+            return False
+        pending = getattr(self._sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
         return self._sock is self._buffered_socket and self._offset < len(self._buffer)
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
