@@ -46,7 +46,14 @@ def mosquitto_binary() -> str | None:
 class Mosquitto:
     """One Mosquitto process on 127.0.0.1:<port>, with a config of our own."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persistence: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        persistence: bool = False,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """`tls`: (certificate chain, key) for a second listener, on `tls_port`."""
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
@@ -54,6 +61,8 @@ class Mosquitto:
         self.workdir = workdir
         self.port = port or free_port()
         self.persistence = persistence
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -74,6 +83,10 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
         ]
+        if self.tls is not None:
+            certificate, key = self.tls
+            lines += [f"listener {self.tls_port} 127.0.0.1",
+                      f"certfile {certificate}", f"keyfile {key}"]
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
@@ -85,6 +98,8 @@ class Mosquitto:
         )
         log.close()
         wait_for_port(self.port)
+        if self.tls_port is not None:
+            wait_for_port(self.tls_port)
         return self
 
     def stop(self) -> None:
