@@ -452,8 +452,7 @@ class Publisher:
         try:
             storage.delete_outbox(self._deleter, self._done)
         except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy and time.monotonic() - self._delete_warned > 10:
+            if not storage.is_busy(exc) and time.monotonic() - self._delete_warned > 10:
                 self._delete_warned = time.monotonic()
                 log.warning("could not delete %d sent messages from the outbox yet: %s",
                             len(self._done), exc)

@@ -110,6 +110,12 @@ class _Prepared:
     new_esims: int
 
 
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock (SQLITE_BUSY or _LOCKED, any extended code):
+    nothing is wrong, try again later."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _begin_blocking(conn: sqlite3.Connection, timeout: float = BLOCKING_BUSY) -> None:
     """BEGIN IMMEDIATE on a connection whose busy handler is off, waiting up to `timeout`
     for another writer: for the writes that are allowed to block (startup, tools)."""
@@ -119,7 +125,7 @@ def _begin_blocking(conn: sqlite3.Connection, timeout: float = BLOCKING_BUSY) ->
             conn.execute("BEGIN IMMEDIATE")
             return
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.001)
 
@@ -378,7 +384,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            if not is_busy(exc):
                 return exc
             now = time.monotonic()
             since = self._busy_since = self._busy_since or now
@@ -503,7 +509,7 @@ class Store:
             try:
                 conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                if not is_busy(exc):
                     raise  # busy: a reader stayed longer than RESTART_BUSY; next time
 
     # -- one batch ---------------------------------------------------------------------------
