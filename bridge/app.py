@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,13 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
-from litestar.connection import ASGIConnection
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.datastructures import State
 from litestar.exceptions import (
     HTTPException,
-    NotAuthorizedException,
-    PermissionDeniedException,
 )
 from litestar.openapi import OpenAPIConfig
 
@@ -34,17 +30,15 @@ from bridge import __version__, homeassistant
 from bridge.broker import EmbeddedBroker
 from bridge.config import Config
 from bridge.metrics import CONTENT_TYPE, Metrics
-from bridge.models import KNOWN_TYPES, BadWebhook, decode
 from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
-from bridge.store import Discovery, OutboxFull, Store, StoreUnavailable
+from bridge.store import Discovery, Store
 from bridge.topics import Message, Record
+from bridge.webhook import WebhookRoute, webhook_path_item
 
 log = logging.getLogger("bridge.webhook")
 
 JSON = "application/json"
-OK = b'{"ok":true}'
-DUPLICATE = b'{"ok":true,"duplicate":true}'
 
 
 @dataclass
@@ -141,93 +135,11 @@ def create_app(config: Config) -> Litestar:
             info.cancel()
             await asyncio.to_thread(_stop, services)
 
-    def admit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-        """The webhook's guard: sender IP, then token; raises 403 or 401. Called first in the
-        handler, before the body is read. (Not a Litestar guard: those copy the route handler
-        on every request, which was 13 % of the webhook path's CPU in a profile.)"""
-        peer = connection.client.host if connection.client else None
-        forwarded = None
-        if gate.proxies:  # believed only from a trusted proxy: with none, never parsed
-            # a repeated X-Forwarded-For is one list (RFC 9110 5.3): a proxy may add its own
-            forwarded = ",".join(connection.headers.getall("x-forwarded-for", [])) or None
-        client = gate.client(peer, forwarded)
-        if not gate.ip_allowed(client):
-            metrics.count("-", "forbidden")
-            log.warning("refused a webhook from %s: not in http.allowed_ips", client)
-            raise PermissionDeniedException(f"sender {client} is not allowed (http.allowed_ips)")
-        if gate.token is None:
-            return  # no token configured: nothing more to look at
-        presented = (
-            connection.path_params.get("token")
-            or connection.query_params.get("token")
-            or connection.headers.get("x-webhook-token")
-        )
-        if not gate.token_ok(presented):
-            metrics.count("-", "unauthorized")
-            log.warning("refused a webhook from %s: missing or wrong token", client)
-            raise NotAuthorizedException("missing or wrong webhook token")
-
-    async def receive(request: Request[Any, Any, Any]) -> Response[bytes]:
-        started = time.perf_counter()
-        admit(request)
-        try:
-            async with asyncio.timeout(config.http.body_timeout):
-                body = await request.body()
-        except TimeoutError:
-            metrics.count("-", "rejected")
-            return _hang_up(_error(408, "the body did not arrive in time"))
-        received_at = datetime.now(UTC)
-        try:
-            decoded = decode(body)
-        except BadWebhook as exc:
-            metrics.count("-", "rejected")
-            log.warning("rejected a webhook: %s", exc)
-            return _error(400, str(exc))
-        label = decoded.notify_type if decoded.notify_type in KNOWN_TYPES else "OTHER"
-        # the sender's own string, quoted and cut when unknown: it must not forge log lines
-        shown = decoded.notify_type if label != "OTHER" else repr(decoded.notify_type[:64])
-        assert services.store is not None
-        try:
-            accepted = await services.store.submit_async(decoded, body, received_at)
-        except StoreUnavailable as exc:
-            metrics.count(label, "unavailable")
-            log.error("%s answered 503: %s", shown, exc)
-            response = _error(503, str(exc))
-            if isinstance(exc, OutboxFull):
-                response.headers["Retry-After"] = "30"
-            return response
-        elapsed = time.perf_counter() - started
-        metrics.ack_seconds.observe(elapsed)
-        if accepted.duplicate:
-            outcome = "duplicate"
-        elif accepted.warning:
-            outcome = "raw"
-            metrics.warnings.inc()
-            log.warning("%s accepted raw: %r", shown, accepted.warning)
-        else:
-            outcome = "accepted"
-        metrics.count(label, outcome)
-        log.info("%s iccid=%s %s %.1fms", shown, accepted.iccid or "-", outcome, elapsed * 1000)
-        return Response(DUPLICATE if accepted.duplicate else OK, media_type=JSON)
-
+    route = WebhookRoute(config.http, gate, metrics, lambda: services.store)
     path = config.http.path.rstrip("/")
-    limit = config.http.max_body_bytes
     handlers: list[Any] = [
-        post(path, request_max_body_size=limit, status_code=200,
-             name="webhook", summary="Receive an eSIM Access webhook")(receive),
+        asgi(path, name="webhook", is_mount=route.mounted, copy_scope=False)(route)
     ]
-    if config.http.token:
-
-        async def receive_with_token(
-            request: Request[Any, Any, Any], token: str
-        ) -> Response[bytes]:
-            return await receive(request)
-
-        handlers.append(
-            post(f"{path}/{{token:str}}", request_max_body_size=limit,
-                 status_code=200, name="webhook_token", include_in_schema=False,
-                 summary="Receive a webhook, token in the path")(receive_with_token)
-        )
 
     @get("/healthz", summary="200 while the process serves")
     async def healthz() -> dict[str, bool]:
@@ -254,15 +166,18 @@ def create_app(config: Config) -> Litestar:
     async def prometheus() -> Response[bytes]:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[*handlers, healthz, readyz, prometheus],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         openapi_config=OpenAPIConfig(title="esim-bridge", version=__version__, path="/schema"),
-        request_max_body_size=limit,
+        request_max_body_size=config.http.max_body_bytes,
         logging_config=None,  # the CLI configures logging; Litestar would replace the format
         state=State({"services": services}),
     )
+    # an ASGI route is not in the OpenAPI document by itself: describe it there
+    app.openapi_schema.paths = {path: webhook_path_item(), **(app.openapi_schema.paths or {})}
+    return app
 
 
 def _start(services: Services) -> None:
