@@ -8,7 +8,6 @@ them all at once, each naming the key (or variable) it is about.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -62,20 +61,6 @@ class StoreConfig(_Section):
     dedup_hours: Annotated[float, msgspec.Meta(gt=0)] = 72.0
     max_outbox: Positive = 1_000_000
     synchronous: str = "full"
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-
-def configure_logging(level: str) -> None:
-    """One format for both processes. A line per webhook is on the acknowledgement's path,
-    so logging skips what the format never shows (the logging HOWTO's "Optimization"):
-    the stack walk for the caller's file and line, thread and process names."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
 
 
 class LogConfig(_Section):
