@@ -2,12 +2,12 @@
 
 It runs in a child process of its own (`python -m bridge.publisher`, started by
 `PublisherProcess`), so paho's per-message work never competes with the webhook path
-for the GIL. The parent talks to it over the child's stdin (the settings, then a byte
-per commit to wake it, then a stop request) and reads its status as JSON lines on its
-stdout. When the parent dies, stdin closes and the child leaves at once, without a
-DISCONNECT, so the broker publishes the last will `offline`. It reads the outbox from
-SQLite in order and hands each message to paho at QoS 1, keeping up to `window`
-messages unacknowledged. A row leaves the outbox only after the broker's PUBACK.
+for the GIL. The parent talks to it over the child's stdin (the settings, then a stop
+request), wakes it with a byte per commit on a pipe of its own, and reads its status as
+JSON lines on its stdout. When the parent dies, stdin closes and the child leaves at
+once, without a DISCONNECT, so the broker publishes the last will `offline`. It reads
+the outbox from SQLite in order and hands each message to paho at QoS 1, keeping up to
+`window` messages unacknowledged. A row leaves the outbox only after the broker's PUBACK.
 paho resends what was in flight after a reconnect; a restart starts again from the
 oldest row still in the outbox. Either way delivery is at-least-once and in the
 order received.
@@ -168,10 +168,13 @@ class Waker:
 class Publisher:
     """Drains the outbox into one paho client. Runs in the publisher process."""
 
-    def __init__(self, settings: Settings, status: StatusWriter, control: IO[bytes]) -> None:
+    def __init__(
+        self, settings: Settings, status: StatusWriter, control: IO[bytes], pokes: int | None
+    ) -> None:
         self.settings = settings
         self.status = status
         self.control = control
+        self._pokes = pokes  # the read end of the parent's poke pipe, waited on in _wait
         self.drain_seconds = 5.0
         self._stop = threading.Event()
         self.state_topic = f"{settings.base}/bridge/state"
@@ -300,7 +303,7 @@ class Publisher:
             self.status.flush()
 
     def _listen(self) -> None:
-        """Read the parent's pokes (wake up) and stop request (`S<seconds>`). End of input
+        """Read the parent's stop request (`S<seconds>`) on stdin. End of input
         means the parent is gone (even kill -9): leave at once, without DISCONNECT, so the
         broker publishes the last will `offline`."""
         fd = self.control.fileno()
@@ -343,7 +346,11 @@ class Publisher:
         if sock is None:
             self._connect_when_due()
             sock = client.socket()
-        readable: list[Any] = [self._wake] if sock is None else [self._wake, sock]
+        readable: list[Any] = [self._wake]
+        if self._pokes is not None:
+            readable.append(self._pokes)
+        if sock is not None:
+            readable.append(sock)
         writable = [sock] if sock is not None and client.want_write() else []
         try:
             ready, _, _ = select.select(readable, writable, [], timeout)
@@ -351,6 +358,8 @@ class Publisher:
             ready = []
         if self._wake in ready:
             self._wake.clear()
+        if self._pokes is not None and self._pokes in ready:
+            self._take_pokes(self._pokes)
         if sock is None or client.socket() is not sock:
             return
         if sock in ready:
@@ -358,6 +367,17 @@ class Publisher:
         if client.want_write():
             client.loop_write()
         client.loop_misc()  # keepalive: a PINGREQ when due, and a dead connection noticed
+
+    def _take_pokes(self, fd: int) -> None:
+        """Empty the poke pipe: any number of pokes means one thing, read the outbox."""
+        try:
+            while os.read(fd, 4096):
+                pass
+            self._pokes = None  # end of file: the parent is gone, and _listen sees it too
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._pokes = None
 
     def _connect_when_due(self) -> None:
         """(Re)connect once the back-off allows: 1 s after a failure, doubling to 10 s."""
@@ -468,12 +488,16 @@ class Publisher:
 
 
 def main() -> None:
-    """`python -m bridge.publisher`: the first line on stdin is the settings (JSON)."""
+    """`python -m bridge.publisher [POKE_FD]`: the first line on stdin is the settings
+    (JSON); POKE_FD, the read end of the pipe the parent pokes after each commit."""
     settings = msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
     configure_logging(settings.log_level)
     status = StatusWriter(sys.stdout.buffer)
+    pokes = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    if pokes is not None:
+        os.set_blocking(pokes, False)
     try:
-        Publisher(settings, status, sys.stdin.buffer).run()
+        Publisher(settings, status, sys.stdin.buffer, pokes).run()
     except Exception:
         log.exception("the publisher failed")
         raise
@@ -496,17 +520,26 @@ class PublisherProcess:
         self._stopping = threading.Event()
         self._published_before = 0  # by the processes that came before this one
         self._restart_delay = RESTART_DELAY[0]
+        # A byte per commit wakes the publisher. A pipe of its own, which the publisher's
+        # loop waits on directly: through stdin, a thread had to read each byte and wake
+        # the loop in turn (8 % of the publisher's CPU). One pipe for every publisher
+        # process this handle starts, so that poke() never races a restart.
+        self._pokes = os.pipe()
+        os.set_blocking(self._pokes[1], False)
+        self._poke_lock = threading.Lock()  # poke() against closing the pipe in stop()
 
     def start(self) -> None:
         with self._lock:
             self._spawn()
 
     def _spawn(self) -> None:
+        pokes = self._pokes[0]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.publisher"],
+            [sys.executable, "-m", "bridge.publisher", str(pokes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the bridge, which stops us in order
+            pass_fds=(pokes,),
         )
         assert proc.stdin is not None
         proc.stdin.write(msgspec.json.encode(self.settings) + b"\n")  # secrets stay off argv
@@ -548,10 +581,12 @@ class PublisherProcess:
             self._spawn()
 
     def poke(self) -> None:
-        """New rows are in the outbox (called by the store's writer after a commit)."""
-        if self._proc is not None and self._proc.stdin is not None:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._proc.stdin.fileno(), b"\n")
+        """New rows are in the outbox (called by the store's writer after a commit). A full
+        pipe means the publisher has pokes enough waiting."""
+        with self._poke_lock:
+            if self._pokes[1] >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._pokes[1], b"\n")
 
     @property
     def connected(self) -> bool:
@@ -570,6 +605,11 @@ class PublisherProcess:
         self._stopping.set()
         with self._lock:
             self._stop(drain_seconds)
+        with self._poke_lock:
+            for fd in self._pokes:
+                if fd >= 0:
+                    os.close(fd)
+            self._pokes = (-1, -1)
 
     def _stop(self, drain_seconds: float) -> None:
         proc = self._proc
