@@ -57,6 +57,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from bridge.app import create_app
     from bridge.broker import BrokerError, EmbeddedBroker, _port_in_use
+    from bridge.http import HttpProtocol
 
     if settings.mqtt.url is None:
         embedded = EmbeddedBroker(settings.mqtt.embedded_listen)
@@ -83,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,
             log_config=None,
             log_level="warning",
-            http="httptools",
+            http=HttpProtocol,  # httptools, with each answer sent in one write
             loop="uvloop" if sys.platform != "win32" else "asyncio",
             timeout_graceful_shutdown=10,
             timeout_keep_alive=30,
