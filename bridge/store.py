@@ -640,10 +640,11 @@ class Store:
             conn.execute(
                 "INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)", (result.entity, blob)
             )
-            conn.executemany(
-                "INSERT OR REPLACE INTO discovery (topic, payload) VALUES (?, ?)",
-                [(m.topic, m.payload) for m in discovery],
-            )
+            if discovery:  # only when a config changed: rarely after an eSIM's first event
+                conn.executemany(
+                    "INSERT OR REPLACE INTO discovery (topic, payload) VALUES (?, ?)",
+                    [(m.topic, m.payload) for m in discovery],
+                )
             new_esim = int(prior is None and result.entity.startswith("esim:"))
         outbox.extend(discovery)
         outbox.extend(result.messages)
