@@ -272,6 +272,20 @@ def _targets(
             _num(bridge.delivered_rate, 0, "/s"),
             None if bridge.delivered_rate is None else bridge.delivered_rate >= 1000,
         ),
+        *_without_fsync(by_key.get("bridge-normal"), at),
+    ]
+
+
+def _without_fsync(normal: Summary | None, at: str) -> list[str]:
+    """The latencies again with `store.synchronous = "normal"`: how much of the tail is
+    the disk's fsync rather than the bridge's own work."""
+    if normal is None or normal.ack_p99 is None:
+        return []
+    return [
+        "",
+        f'With `store.synchronous = "normal"` (no fsync per acknowledgement, not the '
+        f"default): ACK p99 {_num(normal.ack_p99, 1, ' ms')}, e2e p99 "
+        f"{_num(normal.e2e_p99, 1, ' ms')} @500/s{at}.",
     ]
 
 
