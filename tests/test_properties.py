@@ -11,6 +11,7 @@ sees the same examples every run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from bridge.app import discovery_for
 from bridge.config import Config
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
-from bridge.store import SCHEMA, Store, delete_outbox
+from bridge.store import SCHEMA, Store, delete_outbox, runs
 from bridge.topics import SEGMENT, Record, plan
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, assert_survived
@@ -232,6 +233,17 @@ def test_deleting_sent_messages_deletes_exactly_those(stored: list[int], sent: l
     delete_outbox(conn, sent)
     left = {row[0] for row in conn.execute("SELECT id FROM outbox")}
     assert left == set(stored) - set(sent)
+
+
+@FAST
+@given(st.lists(st.integers(1, 300), max_size=300))
+def test_acknowledged_ids_fold_into_the_fewest_ranges(ids: list[int]) -> None:
+    """`runs` covers exactly the ids, in order, and never splits a run of consecutive ids
+    (each range is a DELETE term; a split one only costs, a wrong one loses rows)."""
+    ranges = runs(ids)
+    covered = [i for first, last in ranges for i in range(first, last + 1)]
+    assert covered == sorted(set(ids))
+    assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(ranges))  # a gap between each
 
 
 def test_deleting_many_scattered_messages_takes_several_statements() -> None:
