@@ -14,6 +14,8 @@ from collections.abc import Iterable
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+MEMO_SIZE = 256  # (peer, X-Forwarded-For) pairs whose verdict is remembered
+
 
 def networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
@@ -44,6 +46,22 @@ class Gate:
         self.allow_all = not self.allowed
         self.proxies = networks(trusted_proxies)
         self.token = token.encode() if token else None
+        self._memo: dict[tuple[str | None, str | None], tuple[Address | None, bool]] = {}
+
+    def judge(self, peer: str | None, forwarded_for: str | None) -> tuple[Address | None, bool]:
+        """The real client and whether its IP may post. The verdict depends only on the
+        configuration, and a sender posts from a handful of addresses, so it is remembered
+        per (peer, X-Forwarded-For): parsing and matching the addresses cost 4-8 µs a
+        webhook, a lookup 0.2. At MEMO_SIZE pairs the memo starts over, so a flood of
+        made-up addresses costs what it did without one, and no memory."""
+        key = (peer, forwarded_for)
+        verdict = self._memo.get(key)
+        if verdict is None:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            client = self.client(peer, forwarded_for)
+            verdict = self._memo[key] = (client, self.ip_allowed(client))
+        return verdict
 
     def client(self, peer: str | None, forwarded_for: str | None) -> Address | None:
         """The real client: the peer, or, when the peer is a trusted proxy, the rightmost

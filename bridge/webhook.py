@@ -187,8 +187,8 @@ class WebhookRoute:
             # a repeated X-Forwarded-For is one list (RFC 9110 5.3): a proxy may add its own
             values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"]
             forwarded = ",".join(values) or None
-        client = gate.client(peer, forwarded)
-        if not gate.ip_allowed(client):
+        client, allowed = gate.judge(peer, forwarded)
+        if not allowed:
             metrics.count("-", "forbidden")
             log.warning("refused a webhook from %s: not in http.allowed_ips", client)
             raise PermissionDeniedException(f"sender {client} is not allowed (http.allowed_ips)")

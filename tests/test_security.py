@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bridge.security import Gate
+from bridge.security import MEMO_SIZE, Gate
 from tests.brokers import Mosquitto
 from tests.processes import (
     ROOT,
@@ -127,6 +127,22 @@ def test_gate_allow_list(allowed: list[str], client: str | None, ok: bool) -> No
 def test_gate_maps_an_ipv4_mapped_peer_before_the_allow_list() -> None:
     gate = Gate(["10.0.0.0/8"], [], None)
     assert gate.ip_allowed(gate.client("::ffff:10.1.2.3", None))
+
+
+def test_gate_remembers_verdicts_without_changing_them() -> None:
+    """judge() gives what client() and ip_allowed() give, the second time from its memo,
+    and the memo never holds more than MEMO_SIZE pairs however many addresses come."""
+    gate = Gate(["10.0.0.0/8"], PROXIES, None)
+    cases = [("10.1.2.3", None), ("11.0.0.1", None), ("127.0.0.1", "11.0.0.1, 10.1.2.3"),
+             ("127.0.0.1", "11.0.0.1"), ("not-an-ip", None), (None, None)]
+    for _ in range(2):  # the second round is answered from the memo
+        for peer, forwarded in cases:
+            client = gate.client(peer, forwarded)
+            assert gate.judge(peer, forwarded) == (client, gate.ip_allowed(client))
+    for n in range(3 * MEMO_SIZE):
+        assert gate.judge(f"11.0.{n // 256}.{n % 256}", None)[1] is False
+        assert len(gate._memo) <= MEMO_SIZE
+    assert gate.judge("10.1.2.3", None) == (addr("10.1.2.3"), True)
 
 
 @pytest.mark.parametrize(
