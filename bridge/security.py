@@ -15,6 +15,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MEMO_SIZE = 256  # (peer, X-Forwarded-For) pairs whose verdict is remembered
+MEMO_LONGEST = 256  # characters of X-Forwarded-For; a longer chain is judged every time
 
 
 def networks(entries: Iterable[str]) -> tuple[Network, ...]:
@@ -53,14 +54,17 @@ class Gate:
         configuration, and a sender posts from a handful of addresses, so it is remembered
         per (peer, X-Forwarded-For): parsing and matching the addresses cost 4-8 µs a
         webhook, a lookup 0.2. At MEMO_SIZE pairs the memo starts over, so a flood of
-        made-up addresses costs what it did without one, and no memory."""
+        made-up addresses costs what it did without one, and an X-Forwarded-For longer
+        than MEMO_LONGEST is never kept (a header can be large)."""
         key = (peer, forwarded_for)
         verdict = self._memo.get(key)
         if verdict is None:
-            if len(self._memo) >= MEMO_SIZE:
-                self._memo.clear()
             client = self.client(peer, forwarded_for)
-            verdict = self._memo[key] = (client, self.ip_allowed(client))
+            verdict = (client, self.ip_allowed(client))
+            if forwarded_for is None or len(forwarded_for) <= MEMO_LONGEST:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = verdict
         return verdict
 
     def client(self, peer: str | None, forwarded_for: str | None) -> Address | None:

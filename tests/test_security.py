@@ -131,7 +131,8 @@ def test_gate_maps_an_ipv4_mapped_peer_before_the_allow_list() -> None:
 
 def test_gate_remembers_verdicts_without_changing_them() -> None:
     """judge() gives what client() and ip_allowed() give, the second time from its memo,
-    and the memo never holds more than MEMO_SIZE pairs however many addresses come."""
+    and the memo never holds more than MEMO_SIZE pairs however many addresses come, nor a
+    long X-Forwarded-For."""
     gate = Gate(["10.0.0.0/8"], PROXIES, None)
     cases = [("10.1.2.3", None), ("11.0.0.1", None), ("127.0.0.1", "11.0.0.1, 10.1.2.3"),
              ("127.0.0.1", "11.0.0.1"), ("not-an-ip", None), (None, None)]
@@ -143,6 +144,10 @@ def test_gate_remembers_verdicts_without_changing_them() -> None:
         assert gate.judge(f"11.0.{n // 256}.{n % 256}", None)[1] is False
         assert len(gate._memo) <= MEMO_SIZE
     assert gate.judge("10.1.2.3", None) == (addr("10.1.2.3"), True)
+    gate._memo.clear()
+    chain = ", ".join(["8.8.8.8"] * 20000 + ["10.1.2.3"])  # ~180 KB: judged, not kept
+    assert gate.judge("127.0.0.1", chain) == (addr("10.1.2.3"), True)
+    assert not gate._memo
 
 
 @pytest.mark.parametrize(
