@@ -96,6 +96,7 @@ discovery = false
 
 [store]
 path = "{db}"
+synchronous = "{synchronous}"
 """
 
 
@@ -109,8 +110,8 @@ def bridge_launch(workdir: Path, mqtt_port: int, synchronous: str = "full") -> L
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "bridge.toml"
     db = workdir / "bridge.db"
-    text = BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, db=db)
-    config.write_text(f'{text}synchronous = "{synchronous}"\n')
+    config.write_text(BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, db=db,
+                                           synchronous=synchronous))
     return Launch([*bridge_command(), "serve", "--config", str(config)], port)
 
 
