@@ -85,10 +85,13 @@ def discovery_for(config: Config) -> tuple[Discovery | None, list[Message]]:
         )
         return [Message(topic, payload, True)]
 
+    def inputs(entity: str, record: Record) -> object:
+        return homeassistant.esim_config_inputs(record.fields)
+
     topic, payload = homeassistant.bridge_discovery(
         base=base, prefix=ha.prefix, version=__version__
     )
-    return discover, [Message(topic, payload, True)]
+    return Discovery(discover, inputs), [Message(topic, payload, True)]
 
 
 def _error(status: int, message: str) -> Response[bytes]:

@@ -30,6 +30,7 @@ __all__ = [
     "SMDP_STATUSES",
     "bridge_discovery",
     "bridge_discovery_topic",
+    "esim_config_inputs",
     "esim_discovery",
     "esim_discovery_topic",
     "removal_topics",
@@ -99,10 +100,22 @@ def removal_topics(iccids: Iterable[str], *, prefix: str) -> list[str]:
     ]
 
 
+# The state fields an eSIM's config is made from: with these equal, so is the config
+# (for the same iccid and settings), so an event that changes none of them needs no look
+# at discovery at all. `esim_discovery` reads no other field; a test holds it to that.
+ESIM_CONFIG_FIELDS: Final = ("validity_unit",)
+
+
+def esim_config_inputs(state: Mapping[str, object]) -> tuple[object, ...]:
+    """What of an eSIM's state its discovery config depends on."""
+    return tuple(state.get(name) for name in ESIM_CONFIG_FIELDS)
+
+
 def esim_discovery(
     iccid: str, state: Mapping[str, object], *, base: str, prefix: str, version: str
 ) -> tuple[str, bytes]:
-    """(topic, retained payload) of the device-based discovery config for one eSIM."""
+    """(topic, retained payload) of the device-based discovery config for one eSIM; of
+    `state` it reads only ESIM_CONFIG_FIELDS."""
     topic = esim_discovery_topic(iccid, prefix=prefix)
     root = f"{base}/{iccid}"
     uid = f"esim_{iccid}"

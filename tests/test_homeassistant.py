@@ -16,12 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.homeassistant import (
+    ESIM_CONFIG_FIELDS,
     ESIM_STATUSES,
     EVENT_TYPES,
     NOTIFY_TYPES,
     SMDP_STATUSES,
     bridge_discovery,
     bridge_discovery_topic,
+    esim_config_inputs,
     esim_discovery,
     esim_discovery_topic,
     removal_topics,
@@ -129,6 +131,15 @@ def test_same_inputs_give_same_bytes() -> None:
 def test_volatile_state_never_changes_the_config(changes: dict[str, object]) -> None:
     """Data counters, timestamps and the last event must not trigger a republish."""
     assert esim({**FULL_STATE, **changes}) == esim()
+
+
+@given(st.dictionaries(st.sampled_from(sorted(FULL_STATE)) | st.text(max_size=8), json_values))
+def test_the_config_is_made_from_its_inputs_alone(state: dict[str, object]) -> None:
+    """The store skips discovery for an event that leaves `esim_config_inputs` as it was;
+    that is only right while the config reads nothing else of the state."""
+    inputs_only = {name: state[name] for name in ESIM_CONFIG_FIELDS if name in state}
+    assert esim(state) == esim(inputs_only)
+    assert esim_config_inputs(state) == esim_config_inputs(inputs_only)
 
 
 def test_empty_state_equals_a_full_day_state() -> None:
