@@ -83,6 +83,8 @@ def _node_red_unavailable(quick: bool) -> str | None:
     return node_red.unavailable()
 
 
+# The bridge as its users run it: what is not set here is the default (Home Assistant
+# discovery on, among others).
 BRIDGE_CONFIG = """[http]
 host = "127.0.0.1"
 port = {port}
@@ -90,9 +92,6 @@ allowed_ips = []
 
 [mqtt]
 url = "mqtt://127.0.0.1:{mqtt_port}"
-
-[homeassistant]
-discovery = false
 
 [store]
 path = "{db}"
