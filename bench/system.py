@@ -84,11 +84,10 @@ def _node_red_unavailable(quick: bool) -> str | None:
 
 
 # The bridge as its users run it: what is not set here is the default (Home Assistant
-# discovery on, among others).
+# discovery on, the sender allow-list, which takes loopback, among others).
 BRIDGE_CONFIG = """[http]
 host = "127.0.0.1"
 port = {port}
-allowed_ips = []
 
 [mqtt]
 url = "mqtt://127.0.0.1:{mqtt_port}"
