@@ -231,17 +231,25 @@ def _start(services: Services) -> None:
     publisher.start()
 
 
-INFO_EVERY = 5.0
+INFO_EVERY = 5.0  # s between looks at the counts while the broker is connected
+INFO_WAIT = 0.25  # s between looks at the connection while it is not
 
 
 async def _publish_info(services: Services) -> None:
-    """Put `bridge/info` in the outbox at start, then whenever its counts change."""
+    """Put `bridge/info` in the outbox once the broker is connected, then whenever its
+    counts change. Not while the broker is away: nobody would see it, and each one would
+    add to the outbox backlog it reports, a change that called for another one. For the
+    same reason `published` does not count bridge/info itself (see the publisher)."""
     last = b""
     while True:
+        publisher, store = services.publisher, services.store
+        if publisher is None or store is None or not publisher.connected:
+            await asyncio.sleep(INFO_WAIT)
+            continue
         payload = msgspec.json.encode(services.info())
-        if payload != last and services.store is not None:
-            message = Message(f"{services.config.mqtt.base_topic}/bridge/info", payload, True)
-            services.store.append_async([message])
+        if payload != last:
+            store.append_async([Message(f"{services.config.mqtt.base_topic}/bridge/info",
+                                        payload, True)])
             last = payload
         await asyncio.sleep(INFO_EVERY)
 

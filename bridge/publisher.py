@@ -180,6 +180,10 @@ class Publisher:
         self.state_topic = f"{settings.base}/bridge/state"
         self.connected = False
         self._pending: dict[int, int | None] = {}  # mid -> outbox id (None: not from the outbox)
+        # bridge/info reports how many messages were published: counting its own would
+        # change it every time it is published, and call for the next one
+        self._info_topic = f"{settings.base}/bridge/info"
+        self._uncounted: set[int] = set()  # mids of bridge/info messages in flight
         self._acks: collections.deque[int] = collections.deque()
         self._done: list[int] = []  # outbox ids acknowledged, waiting to be deleted
         self._cursor = 0
@@ -441,12 +445,15 @@ class Publisher:
             self._take_acks()
         info = self.client.publish(msg.topic, msg.payload, qos=self.settings.qos,
                                    retain=msg.retain)
+        counted = msg.topic != self._info_topic
         if self.settings.qos == 0:
             if row_id is not None:
                 self._done.append(row_id)
-            self._count(1)
+            self._count(int(counted))
             return
         self._pending[info.mid] = row_id
+        if not counted:
+            self._uncounted.add(info.mid)
 
     def _count(self, n: int) -> None:
         self._published += n
@@ -459,7 +466,10 @@ class Publisher:
             if mid not in self._pending:
                 continue
             row_id = self._pending.pop(mid)
-            acked += 1
+            if self._uncounted and mid in self._uncounted:
+                self._uncounted.discard(mid)
+            else:
+                acked += 1
             if row_id is not None:
                 self._done.append(row_id)
         if acked:

@@ -4,11 +4,14 @@ on a real Mosquitto, from a real `esim-bridge serve` process."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bridge.app import INFO_EVERY
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, retained
 
@@ -67,6 +70,35 @@ def test_data_usage_gives_exactly_the_contract_topics(
         "last_event_at": "2025-07-21T10:57:28+00:00",
         "last_notify_id": "f776267e8d6745db8cc316e4c146ea0c",
     }
+
+
+def test_bridge_info_reports_the_counts_then_keeps_quiet(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    """bridge/info follows its counts, and nothing else: publishing it must not count as
+    a change (it did, and an idle bridge put a new one in the store every 5 s)."""
+    with Watcher(mosquitto.port, ["esim/bridge/info"]) as watcher:
+        assert bridge.post(fixture("data_usage")).status == 200
+        deadline = time.monotonic() + 3 * INFO_EVERY
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            infos = [json.loads(p) for p in watcher.payloads("esim/bridge/info")]
+            info = infos[-1] if infos else {}
+            if info and info["counts"]["published"] == 8:
+                break
+            time.sleep(0.1)
+        assert set(info) == {"version", "started_at", "counts"}
+        assert info["counts"] == {
+            "webhooks_received": 1,
+            "duplicates": 0,
+            "invalid": 0,
+            "published": 8,  # `online`, and the webhook's seven; bridge/info not counted
+            "outbox_backlog": 0,
+            "esims": 1,
+        }
+        seen = len(watcher.payloads("esim/bridge/info"))
+        time.sleep(2 * INFO_EVERY + 1)
+        assert len(watcher.payloads("esim/bridge/info")) == seen, "info with no change"
 
 
 EXPECTED: dict[str, dict[str, bytes | None]] = {
