@@ -29,6 +29,19 @@ from bridge.models import (
 
 SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 INVALID = "INVALID"
+# The levels under <base> that are the bridge's own: an eSIM with one of these as its
+# iccid would write over `<base>/bridge/state` (every entity's availability), into
+# `<base>/event/...` or among the orders. No real ICCID (18 to 22 digits) is one.
+RESERVED = frozenset({"bridge", "event", "order"})
+
+
+def iccid_problem(iccid: str) -> str | None:
+    """Why an iccid cannot name an eSIM's topics, or None when it can."""
+    if not SEGMENT.match(iccid):
+        return f"iccid {iccid!r} cannot be a topic segment"
+    if iccid in RESERVED:
+        return f"iccid {iccid!r} is a topic level of the bridge's own"
+    return None
 
 Value = str | int | float
 
@@ -197,9 +210,9 @@ def plan(
     iccid = event.content.iccid
     if iccid is None:
         return Plan([event_topic], warning=f"{notify_type} without an iccid")
-    if not SEGMENT.match(iccid):
-        return Plan([Message(f"{base}/event/{INVALID}", body, False)],
-                    warning=f"iccid {iccid!r} cannot be a topic segment")
+    problem = iccid_problem(iccid)
+    if problem is not None:
+        return Plan([Message(f"{base}/event/{INVALID}", body, False)], warning=problem)
 
     fields = esim_fields(event)
     fields.update(iccid=iccid, last_event=notify_type, last_event_at=iso(moment))
@@ -229,12 +242,14 @@ def entity_key(decoded: Decoded) -> str | None:
         order_no = event.content.order_no
         return f"order:{order_no}" if order_no and SEGMENT.match(order_no) else None
     iccid = event.content.iccid
-    return f"esim:{iccid}" if iccid and SEGMENT.match(iccid) else None
+    return f"esim:{iccid}" if iccid and iccid_problem(iccid) is None else None
 
 
 def snapshot(entity: str, record: Record, base: str) -> list[Message]:
     """Every retained message an entity's record stands for, to republish on connect."""
     kind, _, name = entity.partition(":")
+    if kind == "esim" and iccid_problem(name) is not None:
+        return []  # stored by an older version, which did not refuse it
     if kind == "esim":
         prefix = f"{base}/{name}"
         out = [

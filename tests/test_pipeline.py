@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import INFO_EVERY
+from bridge.topics import RESERVED
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, retained
 
@@ -246,6 +247,35 @@ def test_bad_topic_segment_goes_to_invalid(
         assert bridge.post(raw).json() == {"ok": True}
         published = _published(watcher)
     assert [(t, p) for t, p, _ in published] == [("esim/event/INVALID", raw)]
+
+
+def test_an_iccid_naming_a_level_of_the_bridges_own_goes_to_invalid(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """`bridge`, `event` and `order` pass the segment pattern, but as an iccid they would
+    write over `esim/bridge/state` (every entity's availability) and the bridge's device."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url).start()  # Home Assistant discovery on
+    try:
+        with Watcher(mosquitto.port, ["esim/#", "homeassistant/#"]) as watcher:
+            watcher.wait_for("homeassistant/device/esim_bridge/config")
+            watcher.settle()
+            bridge_config = watcher.latest()["homeassistant/device/esim_bridge/config"]
+            watcher.messages.clear()
+            raws = []
+            for level in sorted(RESERVED):
+                body = json.loads(fixture("esim_status"))
+                body["notifyId"] = f"reserved-{level}"
+                body["content"]["iccid"] = level
+                raws.append(json.dumps(body).encode())
+                assert bridge.post(raws[-1]).json() == {"ok": True}
+            watcher.settle(quiet=0.7)
+            got = [(t, p) for t, p, _ in watcher.messages if t != "esim/bridge/info"]
+        assert got == [("esim/event/INVALID", raw) for raw in raws]
+        view = retained(mosquitto.port)
+        assert view["esim/bridge/state"] == b"online"
+        assert view["homeassistant/device/esim_bridge/config"] == bridge_config
+    finally:
+        bridge.stop()
 
 
 @pytest.mark.parametrize(

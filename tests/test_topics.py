@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from bridge.models import decode
-from bridge.topics import Message, Record, entity_key, iso, percent, plan, snapshot
+from bridge.topics import (
+    RESERVED,
+    Message,
+    Record,
+    entity_key,
+    iso,
+    percent,
+    plan,
+    snapshot,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -149,13 +158,22 @@ def test_check_health_publishes_only_health_and_event() -> None:
     ]
 
 
-@pytest.mark.parametrize("bad", ["89 43", "89/43", "#", "+", "", "x" * 65, "ÄÖ"])
+@pytest.mark.parametrize(
+    "bad", ["89 43", "89/43", "#", "+", "", "x" * 65, "ÄÖ", *sorted(RESERVED)]
+)
 def test_bad_segments_go_to_invalid(bad: str) -> None:
     raw = body("ESIM_STATUS", {"iccid": bad, "esimStatus": "IN_USE"})
     result = plan(decode(raw), raw, None, NOW, "esim")
     assert [(m.topic, m.retain) for m in result.messages] == [("esim/event/INVALID", False)]
     assert result.warning and result.record is None
     assert entity_key(decode(raw)) is None
+
+
+def test_an_esim_an_older_version_stored_under_a_reserved_name_is_not_republished() -> None:
+    raw = body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": "IN_USE"})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert result.record is not None and snapshot(f"esim:{ICCID}", result.record, "esim")
+    assert snapshot("esim:bridge", result.record, "esim") == []
 
 
 def test_bad_order_no_and_notify_type_go_to_invalid() -> None:
