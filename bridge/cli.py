@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import msgspec
 
@@ -38,10 +41,61 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock_store(path: Path) -> IO[bytes] | None:
+    """An exclusive lock on `<store.path>.lock`, held while this process lives (the kernel
+    lets go of it when the process ends, even by kill -9); None when another process
+    holds it. Two bridges on one store would publish everything twice, under one MQTT
+    client id, and knock each other off the broker."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Windows
+        return open(os.devnull, "wb")  # nothing to lock with; held for the process's life
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(f"{path}.lock", "wb")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The webhook port, bound before anything else starts (uvicorn would bind it only
+    after the app's startup, whose publisher connects to the broker)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
+    store_path = Path(settings.store.path)
+    try:
+        store_lock = _lock_store(store_path)
+    except OSError as exc:
+        print(f"esim-bridge: cannot use the store at {store_path}: {exc}", file=sys.stderr)
+        return 1
+    if store_lock is None:
+        print(f"esim-bridge: the store {store_path} is in use by another esim-bridge. Stop "
+              "that one, or give this one a store.path of its own.", file=sys.stderr)
+        return 1
+    host, port = settings.http.host, settings.http.port
+    try:
+        listener = _listen(host, port)
+    except OSError as exc:
+        print(f"esim-bridge: cannot listen for webhooks on {host}:{port}: {exc.strerror}. "
+              "Is another esim-bridge (or another program) on that port? Stop it, or set "
+              "http.port.", file=sys.stderr)
+        return 1
     logs.configure_logging(settings.log.level)
     logging.getLogger("amqtt").setLevel(logging.ERROR)
     # Litestar loads its pydantic plugins whenever pydantic can be imported, and it can
@@ -99,7 +153,11 @@ def serve(args: argparse.Namespace) -> int:
         "esim-bridge %s: webhooks on http://%s:%d%s", __version__, settings.http.host,
         settings.http.port, settings.http.path,
     )
-    server.run()
+    try:
+        server.run(sockets=[listener])
+    finally:
+        listener.close()
+        store_lock.close()
     return 0 if server.started else 1
 
 

@@ -141,3 +141,45 @@ def test_kill_9_leaves_the_last_will(tmp_path: Path, mosquitto: Mosquitto) -> No
         watcher.wait_for("esim/bridge/state", b"online")
         bridge.kill()
         watcher.wait_for("esim/bridge/state", b"offline", timeout=15)
+
+
+def test_a_second_bridge_on_the_same_port_or_store_stops_at_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Started twice by mistake, the second must leave before its publisher connects: with
+    the first one's client id it knocked the first off the broker, again and again, and
+    every entity in Home Assistant flapped between available and not."""
+    first = BridgeProcess(tmp_path / "first", mosquitto.url).start()
+    try:
+        with Watcher(mosquitto.port, ["esim/bridge/state"]) as watcher:
+            watcher.wait_for("esim/bridge/state", b"online")
+            same_port = write_config(tmp_path / "same-port.toml", {
+                "http": {"host": "127.0.0.1", "port": first.port},
+                "mqtt": {"url": mosquitto.url},
+                "store": {"path": str(tmp_path / "other.db")},
+            })
+            result = cli("serve", "--config", str(same_port))
+            assert result.returncode == 1
+            assert f"127.0.0.1:{first.port}" in result.stderr and "http.port" in result.stderr
+            same_store = write_config(tmp_path / "same-store.toml", {
+                "http": {"host": "127.0.0.1", "port": free_port()},
+                "mqtt": {"url": mosquitto.url},
+                "store": {"path": str(first.workdir / "bridge.db")},
+            })
+            result = cli("serve", "--config", str(same_store))
+            assert result.returncode == 1
+            assert "in use by another esim-bridge" in result.stderr
+            assert "store.path" in result.stderr
+            watcher.settle(quiet=1.0)
+            assert watcher.payloads("esim/bridge/state") == [b"online"]
+        assert first.get("/readyz").status == 200
+    finally:
+        first.stop()
+    # the lock goes with the process that held it, even killed: the store can be reopened
+    second = BridgeProcess(tmp_path / "first", mosquitto.url).start()
+    try:
+        second.kill()
+    finally:
+        second.stop()
+    third = BridgeProcess(tmp_path / "first", mosquitto.url).start()
+    third.stop()
