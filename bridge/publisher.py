@@ -60,6 +60,7 @@ DELETE_EVERY = 0.2
 BIRTH_DELAY = (0.5, 2.5)
 STATUS_EVERY = 0.2
 RECONNECT_DELAY = (1.0, 10.0)  # s: the first retry, and the longest wait between retries
+CONNECT_LOG_EVERY = 60.0  # s: a connect that keeps failing for the same reason is logged this often
 RESTART_DELAY = (1.0, 30.0)  # s: a publisher that died is started again after this, doubling
 RESTART_RESET = 60.0  # s: a publisher that ran this long starts the back-off over
 
@@ -191,6 +192,8 @@ class Publisher:
         self._wake = Waker()
         self._next_connect = 0.0
         self._connect_delay = RECONNECT_DELAY[0]
+        self._connect_error = ""  # the last reason a connect failed, and when it was logged
+        self._connect_logged = 0.0
         self._snapshot_at: float | None = None
         self._stopping = False
         self._deadline: float | None = None  # set when the drain on stop begins
@@ -248,6 +251,7 @@ class Publisher:
             return
         address = self.settings.address
         log.info("connected to the broker at %s:%d", address.host, address.port)
+        self._connect_error = ""
         self.connected = True
         self._connect_delay = RECONNECT_DELAY[0]
         self.status.update(connected=True, error=None)
@@ -393,9 +397,15 @@ class Publisher:
             self.client.reconnect()  # to the address connect_async() stored
         except (OSError, ValueError) as exc:  # refused, unreachable, TLS, DNS
             self._next_connect = now + self._connect_delay
+            error = f"cannot connect to the broker at {address.host}:{address.port}: {exc}"
+            # in the log too, where a typo in mqtt.url is looked for: when the reason is
+            # new, then once a minute while it lasts (a retry is every 10 s at the most)
+            if error != self._connect_error or now - self._connect_logged >= CONNECT_LOG_EVERY:
+                log.warning("%s; trying again in %.0f s (check mqtt.url)", error,
+                            self._connect_delay)
+                self._connect_error, self._connect_logged = error, now
             self._connect_delay = min(self._connect_delay * 2, RECONNECT_DELAY[1])
-            self.status.update(
-                error=f"cannot connect to {address.host}:{address.port}: {exc}")
+            self.status.update(error=error)
             self.status.flush()
 
     def _drain(self, seconds: float) -> None:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,22 @@ def test_a_second_bridge_on_the_same_port_or_store_stops_at_once(
         second.stop()
     third = BridgeProcess(tmp_path / "first", mosquitto.url).start()
     third.stop()
+
+
+def test_a_broker_that_cannot_be_reached_is_in_the_log(tmp_path: Path) -> None:
+    """A typo in mqtt.url must show where people look first, not only in /readyz."""
+    port = free_port()  # nothing listens there
+    bridge = BridgeProcess(tmp_path, f"mqtt://127.0.0.1:{port}").start(wait_ready=False)
+    try:
+        wanted = f"cannot connect to the broker at 127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while wanted not in bridge.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = [line for line in bridge.log().splitlines() if wanted in line]
+        assert lines and "WARNING" in lines[0] and "mqtt.url" in lines[0]
+        ready = bridge.get("/readyz")
+        assert ready.status == 503 and wanted in ready.json()["reasons"][0]
+        time.sleep(3)  # two more failed retries: the same reason is not logged again
+        assert len([line for line in bridge.log().splitlines() if wanted in line]) == 1
+    finally:
+        bridge.stop()
