@@ -229,8 +229,8 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     """The effective configuration, or ConfigError listing every problem."""
     problems: list[str] = []
     merged = _collect(path, os.environ if environ is None else environ, problems)
-    if problems:
-        raise ConfigError(problems)
+    # a key with a wrong type is left out of `merged` (its default stands in), so that the
+    # values of all the others are checked too: every problem is reported at once
     config = msgspec.convert(merged, Config)
     _check_values(config, problems)
     if problems:

@@ -91,6 +91,17 @@ def test_every_problem_is_reported_naming_its_key(tmp_path: Path) -> None:
         assert needle in text
 
 
+def test_type_and_value_problems_are_reported_together(tmp_path: Path) -> None:
+    """A wrong type must not hide the bad values of other keys (it did: one fix, one run)."""
+    path = write(tmp_path, '[http]\nport = "x"\nallowed_ips = ["not-an-ip"]\npath = "nope"\n'
+                           '[mqtt]\nbase_topic = "a/#"\n')
+    found = problems(path, {})
+    text = "\n".join(found)
+    assert len(found) == 4, found
+    for needle in ("http.port", "http.allowed_ips", "http.path", "mqtt.base_topic"):
+        assert needle in text
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
