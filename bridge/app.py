@@ -216,7 +216,7 @@ def _start(services: Services) -> None:
             base=config.mqtt.base_topic,
             qos=config.mqtt.qos,
             keepalive=config.mqtt.keepalive,
-            birth_topic=f"{config.homeassistant.prefix}/status" if discovery else None,
+            birth_topic=f"{config.homeassistant.prefix}/status",
             log_level=config.log.level.upper(),
         )
     )

@@ -5,10 +5,12 @@ Assistant's birth message, removed when discovery is turned off."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import paho.mqtt.publish as publish
 
+from bridge.publisher import BIRTH_DELAY
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, retained
 
@@ -85,6 +87,35 @@ def test_birth_message_republishes_discovery_state_and_availability(
                            port=mosquitto.port)
             watcher.settle(quiet=3.0)
             assert not [t for t, _, _ in watcher.messages if t.startswith("homeassistant/dev")]
+    finally:
+        bridge.stop()
+
+
+def test_birth_under_a_custom_prefix_republishes_after_a_delay_even_without_discovery(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Home Assistant with MQTT sensors of its own still wants the state after it starts;
+    the random delay keeps a fleet of bridges from answering its birth all at once."""
+    bridge = BridgeProcess(
+        tmp_path, mosquitto.url, {"homeassistant": {"discovery": False, "prefix": "ha2"}}
+    ).start()
+    try:
+        assert bridge.post(fixture("data_usage")).status == 200
+        with Watcher(mosquitto.port, ["esim/#", "ha2/#"]) as watcher:
+            watcher.wait_for(f"esim/{ICCID}/data_remaining")
+            watcher.settle()
+            watcher.messages.clear()
+            publish.single("homeassistant/status", b"online", hostname="127.0.0.1",
+                           port=mosquitto.port)  # not its prefix: nothing
+            watcher.settle(quiet=3.0)
+            assert watcher.messages == []
+            sent = time.monotonic()
+            publish.single("ha2/status", b"online", hostname="127.0.0.1", port=mosquitto.port)
+            watcher.wait_for(f"esim/{ICCID}/data_remaining", b"5351505742", timeout=10)
+            assert time.monotonic() - sent >= BIRTH_DELAY[0]
+            watcher.wait_for("esim/bridge/state", b"online")
+            watcher.settle()
+            assert not [t for t, _, _ in watcher.messages if t.startswith("ha2/device")]
     finally:
         bridge.stop()
 
