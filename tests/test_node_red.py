@@ -37,7 +37,7 @@ NODE_RED_SPEC = "node-red@4"
 NOTIFY_TOPIC = "esim-automations/notify"
 KINDS = {"low_data", "installed", "expiring", "used_up"}
 
-# The fixtures' ICCIDs (/work/shared/fixtures), one per kind of notification.
+# The fixtures' ICCIDs (tests/fixtures), one per kind of notification.
 ICCID_DATA = "8943108170001029631"
 ICCID_SMDP = "8997250230000292199"
 ICCID_VALIDITY = "894310817000000003"

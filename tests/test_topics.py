@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +18,8 @@ from bridge.topics import (
     plan,
     snapshot,
 )
+from tests.processes import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
