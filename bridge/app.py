@@ -190,10 +190,18 @@ def _start(services: Services) -> None:
         services.broker = EmbeddedBroker(config.mqtt.embedded_listen)
         services.broker.start()
         url = services.broker.url
+        broker = services.broker
+        if broker.host in ("0.0.0.0", "::"):
+            where = f"this machine's address, port {broker.port}"
+        else:
+            where = f"{broker.host}:{broker.port}"
+            if broker.host in ("127.0.0.1", "::1", "localhost"):
+                where += (" (this machine only: for Home Assistant in a VM or a container, "
+                          f"set mqtt.embedded_listen = \"0.0.0.0:{broker.port}\")")
         log.info(
-            "no mqtt.url set: using the embedded broker at %s. Point Home Assistant's MQTT "
-            "integration (and Node-RED) at %s:%d, or set mqtt.url to use a broker of your own.",
-            url, services.broker.host, services.broker.port,
+            "no mqtt.url set: using the embedded broker. Point Home Assistant's MQTT "
+            "integration (and Node-RED) at %s, or set mqtt.url to use a broker of your own.",
+            where,
         )
     discovery, bridge_config = discovery_for(config)
     store = Store(

@@ -48,7 +48,9 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        """Where the bridge's own publisher connects: loopback when it listens on all."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"mqtt://{host}:{self.port}" if ":" not in host else f"mqtt://[{host}]:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
         if _port_in_use(self.host, self.port):

@@ -95,6 +95,7 @@ def test_readme_quick_start_on_the_embedded_broker(tmp_path: Path) -> None:
     bridge.start()
     try:
         assert "embedded broker" in bridge.log()
+        assert "this machine only" in bridge.log() and "mqtt.embedded_listen" in bridge.log()
         sub = subprocess.Popen(
             ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(mqtt_port), "-C", "1", "-W", "20",
              "-t", "esim/+/data_remaining", "-v"],
@@ -108,6 +109,23 @@ def test_readme_quick_start_on_the_embedded_broker(tmp_path: Path) -> None:
             sub.kill()
         assert out.strip() == "esim/8943108170001029631/data_remaining 5368709120"
         assert bridge.terminate() == 0
+    finally:
+        bridge.stop()
+
+
+def test_embedded_broker_on_all_addresses_for_home_assistant_elsewhere(tmp_path: Path) -> None:
+    """The README's advice for Home Assistant in a VM or a container: the bridge's own
+    publisher still connects (over loopback), and the log says where to point it."""
+    mqtt_port = free_port()
+    bridge = BridgeProcess(tmp_path, None, {"mqtt": {"embedded_listen": f"0.0.0.0:{mqtt_port}"}})
+    bridge.start()  # waits for /readyz: the publisher is connected
+    try:
+        assert f"this machine's address, port {mqtt_port}" in bridge.log()
+        connected = f"connected to the broker at 127.0.0.1:{mqtt_port}"
+        deadline = time.monotonic() + 5  # info lines are written in batches
+        while connected not in bridge.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connected in bridge.log()
     finally:
         bridge.stop()
 
