@@ -183,7 +183,8 @@ def send(args: argparse.Namespace) -> int:
         print(f"esim-bridge: cannot reach {args.url}: {exc.reason}. Is `esim-bridge serve` "
               "running, and is --url right?", file=sys.stderr)
         return 1
-    print(f"sent {kind} for iccid {args.iccid}: HTTP {status} {answer}")
+    about = "" if kind in examples.WITHOUT_ICCID else f" for iccid {args.iccid}"
+    print(f"sent {kind}{about}: HTTP {status} {answer}")
     return 0 if 200 <= status < 300 else 1
 
 

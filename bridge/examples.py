@@ -2,7 +2,10 @@
 
 `esim-bridge send` posts these so that people wiring automations can make the
 bridge's topics appear without waiting for a real eSIM to do something.
-Each one gets a fresh notifyId and the current time, so it is never a duplicate.
+Each one gets a fresh notifyId and the current time, so it is never a duplicate, also
+for the types whose published examples carry neither: without a notifyId, the bridge
+knows a webhook by a hash of its body, and a second `send CHECK_HEALTH` would be a
+duplicate of the first.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ def example(notify_type: str, iccid: str = EXAMPLE_ICCID) -> dict[str, Any]:
     esim = {**order, "iccid": iccid, "esimTranNo": "25052822150009"}
     newer = {"eventGenerateTime": _stamp(now), "notifyId": uuid.uuid4().hex}
     if kind == "CHECK_HEALTH":
-        return {"notifyType": kind, "content": {"orderNo": "1234567890", "orderStatus": "Test"}}
+        content: dict[str, Any] = {"orderNo": "1234567890", "orderStatus": "Test"}
+        return {"notifyType": kind, **newer, "content": content}
     if kind == "ORDER_STATUS":
-        return {"notifyType": kind, "content": {"orderNo": order["orderNo"],
-                                                "orderStatus": "GOT_RESOURCE"}}
+        content = {"orderNo": order["orderNo"], "orderStatus": "GOT_RESOURCE"}
+        return {"notifyType": kind, **newer, "content": content}
     if kind == "SMDP_EVENT":
         content = {**esim, "eid": "89049032007108882600137544319616",
                    "esimStatus": "IN_USE", "smdpStatus": "ENABLED"}
@@ -51,9 +55,10 @@ def example(notify_type: str, iccid: str = EXAMPLE_ICCID) -> dict[str, Any]:
     if kind == "VALIDITY_USAGE":
         content = {**order, "iccid": iccid, "durationUnit": "DAY", "totalDuration": 30,
                    "expiredTime": _stamp(now + timedelta(days=1)), "remain": 1}
-        return {"notifyType": kind, "content": content}
+        return {"notifyType": kind, **newer, "content": content}
     raise KeyError(notify_type)
 
 
+WITHOUT_ICCID = ("CHECK_HEALTH", "ORDER_STATUS")
 TYPES = ("CHECK_HEALTH", "ORDER_STATUS", "SMDP_EVENT", "ESIM_STATUS", "DATA_USAGE",
          "VALIDITY_USAGE")

@@ -73,9 +73,11 @@ def test_send_every_type_to_a_running_bridge(tmp_path: Path, mosquitto: Mosquitt
                 assert result.returncode == 0, result.stdout + result.stderr
                 assert "HTTP 200" in result.stdout
                 watcher.wait_for(f"esim/event/{kind.upper()}")
-            # fresh notifyIds: sending again is not a duplicate
-            again = cli("send", "DATA_USAGE", "--url", bridge.url)
-            assert '"duplicate"' not in again.stdout
+            # fresh notifyIds, for every type: sending again is not a duplicate
+            for kind in ("CHECK_HEALTH", "DATA_USAGE", "VALIDITY_USAGE"):
+                again = cli("send", kind, "--url", bridge.url, "--iccid", "8900000000000000001")
+                assert again.returncode == 0 and '"duplicate"' not in again.stdout, again.stdout
+            assert "iccid" not in cli("send", "CHECK_HEALTH", "--url", bridge.url).stdout
     finally:
         bridge.stop()
 
