@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,13 +67,14 @@ def test_serve_with_a_bad_config_exits_2_without_starting(tmp_path: Path) -> Non
 def test_send_every_type_to_a_running_bridge(tmp_path: Path, mosquitto: Mosquitto) -> None:
     bridge = BridgeProcess(tmp_path, mosquitto.url).start()
     try:
-        with Watcher(mosquitto.port, ["esim/event/#"]) as watcher:
+        with Watcher(mosquitto.port, ["esim/event/#", "esim/8900000000000000001/#"]) as watcher:
             for kind in ("CHECK_HEALTH", "ORDER_STATUS", "SMDP_EVENT", "ESIM_STATUS",
                          "data_usage", "VALIDITY_USAGE"):
                 result = cli("send", kind, "--url", bridge.url, "--iccid", "8900000000000000001")
                 assert result.returncode == 0, result.stdout + result.stderr
                 assert "HTTP 200" in result.stdout
                 watcher.wait_for(f"esim/event/{kind.upper()}")
+            watcher.wait_for("esim/8900000000000000001/data_remaining")  # --iccid was used
             # fresh notifyIds, for every type: sending again is not a duplicate
             for kind in ("CHECK_HEALTH", "DATA_USAGE", "VALIDITY_USAGE"):
                 again = cli("send", kind, "--url", bridge.url, "--iccid", "8900000000000000001")
@@ -153,6 +155,18 @@ def test_sigterm_publishes_offline_and_exits_0(tmp_path: Path, mosquitto: Mosqui
     with Watcher(mosquitto.port, ["esim/bridge/state"]) as watcher:
         watcher.wait_for("esim/bridge/state", b"online")
         assert bridge.terminate() == 0
+        watcher.wait_for("esim/bridge/state", b"offline")
+
+
+def test_sigint_is_a_clean_stop_too(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Ctrl-C in the terminal the README starts it from."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url).start()
+    with Watcher(mosquitto.port, ["esim/bridge/state"]) as watcher:
+        watcher.wait_for("esim/bridge/state", b"online")
+        assert bridge.proc is not None
+        proc, bridge.proc = bridge.proc, None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
         watcher.wait_for("esim/bridge/state", b"offline")
 
 

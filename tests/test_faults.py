@@ -422,6 +422,32 @@ def test_broker_restart_without_persistence_mid_stream(
     assert_retained_state(broker.port, early + poster.acked)
 
 
+def test_discovery_is_republished_to_a_broker_that_lost_it(
+    broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    """Home Assistant's configs are retained state too: a broker that restarts empty gets
+    them again on the reconnect, with the eSIMs' state and availability."""
+    broker.start()
+    bridge = make_bridge(broker.url, homeassistant={"discovery": True}).start()
+    batch = hooks("disc", iccids("09", 2), 2)
+    for hook in batch:
+        assert bridge.post(hook.body).status == 200
+    configs = {"homeassistant/device/esim_bridge/config"} | {
+        f"homeassistant/device/esim_{hook.iccid}/config" for hook in batch}
+
+    def has_all() -> bool:
+        return configs <= set(retained(broker.port, "homeassistant/#", wait=0.3))
+
+    wait_until(has_all, "discovery before the restart", 20)
+    before = retained(broker.port, "homeassistant/#", wait=0.3)
+    crash(broker)  # without persistence: every retained message is gone
+    broker.start()
+    assert not retained(broker.port, "homeassistant/#", wait=0.3)
+    wait_until(has_all, "discovery after the restart", 30)
+    assert retained(broker.port, "homeassistant/#", wait=0.3) == before
+    assert_retained_state(broker.port, batch)
+
+
 # -- 3. kill -9 -------------------------------------------------------------------------------
 
 

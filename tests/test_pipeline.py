@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,64 @@ def test_each_fixture_gives_its_topics(
     assert events == expected_events
 
 
+# The JSON state each fixture leaves, key for key (`last_event_at`: when the event carries
+# no eventGenerateTime, the time it was received, checked for its form only).
+EXPECTED_STATE: dict[str, dict[str, object]] = {
+    "smdp_event": {
+        "iccid": "8997250230000292199",
+        "eid": "89049032007108882600137544319616",
+        "order_no": "B25091113270004",
+        "esim_tran_no": "25091113270004",
+        "transaction_id": "12068951785848-1-1",
+        "status": "GOT_RESOURCE",
+        "smdp_status": "DOWNLOAD",
+        "last_event": "SMDP_EVENT",
+        "last_event_at": "2025-09-11T13:28:09+00:00",
+        "last_notify_id": "5fcc219e32dc484598d3fd700cf3738d",
+    },
+    "esim_status": {
+        "iccid": "89852000263413436720",
+        "order_no": "B25080823490018",
+        "esim_tran_no": "25080323490020",
+        "transaction_id": "e23111e4d07746889c7bce41cf3f1b16",
+        "status": "CANCEL",
+        "smdp_status": "RELEASED",
+        "last_event": "ESIM_STATUS",
+        "last_event_at": "2025-08-09T00:23:45+00:00",
+        "last_notify_id": "4038b3dfb1b050bf9f02501df67284f3",
+    },
+    "validity_usage": {
+        "iccid": "894310817000000003",
+        "order_no": "B23072016497499",
+        "transaction_id": "Your_txn_id",
+        "expires_at": "2024-01-11T08:10:19+00:00",
+        "validity_remaining": 1,
+        "validity_unit": "DAY",
+        "validity_total": 30,
+        "last_event": "VALIDITY_USAGE",
+        "last_event_at": None,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_STATE))
+def test_each_fixture_gives_its_state(
+    name: str, bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    body = fixture(name)
+    iccid = json.loads(body)["content"]["iccid"]
+    with Watcher(mosquitto.port, [f"esim/{iccid}/state"]) as watcher:
+        assert bridge.post(body).status == 200
+        state = json.loads(watcher.wait_for(f"esim/{iccid}/state"))
+    expected = dict(EXPECTED_STATE[name])
+    if expected["last_event_at"] is None:
+        received = datetime.fromisoformat(state["last_event_at"])
+        assert received.utcoffset() == timedelta(0)
+        assert abs(datetime.now(UTC) - received) < timedelta(minutes=1)
+        expected["last_event_at"] = state["last_event_at"]
+    assert state == expected
+
+
 def test_health_check_time_is_iso_utc(bridge: BridgeProcess, mosquitto: Mosquitto) -> None:
     with Watcher(mosquitto.port, ["esim/bridge/last_health_check"]) as watcher:
         assert bridge.post(fixture("check_health")).status == 200
@@ -178,6 +237,23 @@ def test_same_body_without_notify_id_is_a_duplicate(
     assert bridge.post(body).json() == {"ok": True, "duplicate": True}
     changed = body.replace(b'"remain": 1', b'"remain": 2')
     assert bridge.post(changed).json() == {"ok": True}
+
+
+def test_a_notify_id_is_forgotten_after_dedup_hours(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """store.dedup_hours bounds how long a notifyId is remembered (here 1.8 s)."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url, {"store": {"dedup_hours": 0.0005}}).start()
+    try:
+        body = fixture("smdp_event")
+        with Watcher(mosquitto.port, ["esim/event/SMDP_EVENT"]) as watcher:
+            assert bridge.post(body).json() == {"ok": True}
+            assert bridge.post(body).json() == {"ok": True, "duplicate": True}
+            time.sleep(2.5)
+            assert bridge.post(body).json() == {"ok": True}
+            assert len(watcher.wait_count("esim/event/SMDP_EVENT", 2)) == 2
+    finally:
+        bridge.stop()
 
 
 def test_older_event_does_not_overwrite_newer_state(
