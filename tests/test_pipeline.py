@@ -323,6 +323,8 @@ def test_bad_topic_segment_goes_to_invalid(
         assert bridge.post(raw).json() == {"ok": True}
         published = _published(watcher)
     assert [(t, p) for t, p, _ in published] == [("esim/event/INVALID", raw)]
+    warned = [line for line in bridge.log().splitlines() if "cannot be a topic segment" in line]
+    assert warned and "WARNING" in warned[-1], bridge.log()[-2000:]
 
 
 def test_an_iccid_naming_a_level_of_the_bridges_own_goes_to_invalid(
