@@ -8,10 +8,19 @@ socket has (up to READ_AHEAD bytes) and serves paho's small reads from that buff
 collects the packets paho writes in one `loop_write()` to send them together. For MQTT
 3.1.1 it also takes PUBACKs the short way (see `_handle_pubackcomp`). Only the publisher
 process imports it (and so paho).
+
+For the outbox's QoS 1 stream it also publishes without paho's message objects
+(`queue_publish`): paho's `publish()` builds a message, an info
+object with a Condition of its own and an entry in its in-flight table for every
+message, checks the topic and logs, about two fifths of the publisher's CPU. The
+publisher keeps each packet until its PUBACK instead, and sends it again (flagged DUP)
+after a reconnect, which is all that paho's table did for it.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -24,6 +33,28 @@ READ_AHEAD = 65536
 # What paho builds anew for every MQTT 3.1.1 PUBACK, which carries neither (a 2-byte id)
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+_PUBLISH_QOS1 = 0x32  # PUBLISH, QoS 1; | 0x01 retained, | 0x08 DUP
+_DUP = 0x08
+_MID = struct.Struct("!H")
+
+
+def publish_packet(mid: int, topic: bytes, payload: bytes, retain: bool) -> bytes:
+    """An MQTT 3.1.1 QoS 1 PUBLISH, as paho's `_send_publish` makes it."""
+    remaining = 2 + len(topic) + 2 + len(payload)
+    header = bytearray((_PUBLISH_QOS1 | retain,))
+    while True:  # the remaining length, 7 bits a byte
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        header.append(byte | 0x80 if remaining else byte)
+        if not remaining:
+            break
+    return b"".join((header, _MID.pack(len(topic)), topic, _MID.pack(mid), payload))
+
+
+def as_duplicate(packet: bytes) -> bytes:
+    """The same PUBLISH with its DUP flag set, to send again after a reconnect."""
+    return bytes((packet[0] | _DUP,)) + packet[1:]
 
 
 def write_later(client: mqtt.Client, userdata: object, sock: object) -> None:
@@ -45,6 +76,20 @@ class BufferedClient(mqtt.Client):
     _buffered_socket: object = None
     _outgoing: bytearray | None = None  # collected during loop_write, for this socket
     _outgoing_socket: object = None
+    # called with the message id of each PUBACK for a `queue_publish`ed packet
+    on_lean_puback: Callable[[int], None] | None = None
+
+    def queue_publish(self, mid: int, topic: bytes, payload: bytes, retain: bool) -> bytes:
+        """Queue a QoS 1 PUBLISH behind paho's own packets, in order (the next loop_write
+        sends it), and return it. paho neither keeps nor resends it: the caller keeps it
+        until `on_lean_puback(mid)`, and hands it to `queue_again` after a reconnect."""
+        packet = publish_packet(mid, topic, payload, retain)
+        self._packet_queue(PacketTypes.PUBLISH, packet, mid, 1)
+        return packet
+
+    def queue_again(self, mid: int, packet: bytes) -> None:
+        """Queue a packet from `queue_publish` once more, flagged DUP."""
+        self._packet_queue(PacketTypes.PUBLISH, as_duplicate(packet), mid, 1)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._sock is not self._buffered_socket:  # a new connection: start empty
@@ -119,6 +164,8 @@ class BufferedClient(mqtt.Client):
         with self._out_message_mutex:
             if mid in self._out_messages:  # paho's check: a PUBACK is reported once
                 return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        if self.on_lean_puback is not None:  # one of ours (or a stray: the owner checks)
+            self.on_lean_puback(mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:

@@ -11,10 +11,12 @@ import select
 import socket
 import time
 
+import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.client import MQTTv311
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.mqttclient import BufferedClient, write_later
+from bridge.mqttclient import BufferedClient, as_duplicate, publish_packet, write_later
 from tests.brokers import Mosquitto
 from tests.processes import Watcher
 
@@ -35,7 +37,11 @@ def drive(client: BufferedClient, until: float) -> None:
     client.loop_misc()
 
 
-def test_partial_writes_reach_the_broker_whole_and_in_order(mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("lean", [False, True], ids=["paho-publish", "queue_publish"])
+def test_partial_writes_reach_the_broker_whole_and_in_order(
+    mosquitto: Mosquitto, lean: bool
+) -> None:
+    """Through paho's publish(), and through queue_publish, the publisher's own path."""
     acked: list[int] = []
     disconnects: list[object] = []
     client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="buffered",
@@ -43,6 +49,7 @@ def test_partial_writes_reach_the_broker_whole_and_in_order(mosquitto: Mosquitto
     client.on_socket_register_write = write_later
     client.max_inflight_messages_set(0)
     client.on_publish = lambda c, u, mid, reason, props: acked.append(mid)
+    client.on_lean_puback = acked.append
     client.on_disconnect = lambda c, u, flags, reason, props: disconnects.append(reason)
     connected: list[bool] = []
     client.on_connect = lambda c, u, flags, reason, props: connected.append(True)
@@ -60,7 +67,11 @@ def test_partial_writes_reach_the_broker_whole_and_in_order(mosquitto: Mosquitto
         mids = []
         for n in range(MESSAGES):
             payload = n.to_bytes(4, "big") * (SIZE // 4)
-            mids.append(client.publish(f"buffered/{n % 7}", payload, qos=1).mid)
+            if lean:
+                client.queue_publish(n + 1, f"buffered/{n % 7}".encode(), payload, False)
+                mids.append(n + 1)
+            else:
+                mids.append(client.publish(f"buffered/{n % 7}", payload, qos=1).mid)
         deadline = time.monotonic() + 15
         while len(acked) < MESSAGES and not disconnects and time.monotonic() < deadline:
             drive(client, deadline)
@@ -73,3 +84,29 @@ def test_partial_writes_reach_the_broker_whole_and_in_order(mosquitto: Mosquitto
         seen = [int.from_bytes(payload[:4], "big") for _, payload, _ in watcher.messages]
         assert seen == list(range(MESSAGES)), "out of order, or not whole"
         assert all(len(payload) == SIZE for _, payload, _ in watcher.messages)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])
+@pytest.mark.parametrize("retain", [False, True])
+def test_our_publish_packets_are_the_bytes_paho_would_send(size: int, retain: bool) -> None:
+    """Byte for byte what paho's own `_send_publish` queues (MQTT 3.1.1, QoS 1), the DUP
+    flag included; the sizes straddle each length of the remaining-length field."""
+    queued: list[bytes] = []
+
+    class Capture(mqtt.Client):
+        def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                          info: object = None) -> mqtt.MQTTErrorCode:
+            queued.append(bytes(packet))
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho = Capture(CallbackAPIVersion.VERSION2, protocol=MQTTv311)
+    paho._sock = socket.socket()  # _send_publish wants a connection; nothing is sent
+    try:
+        payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        for dup in (False, True):
+            paho._send_publish(513, b"esim/8943108170001029631/state", payload, 1, retain, dup)
+        ours = publish_packet(513, b"esim/8943108170001029631/state", payload, retain)
+        assert queued == [ours, as_duplicate(ours)]
+    finally:
+        paho._sock.close()
+        paho._sock = None
