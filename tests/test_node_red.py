@@ -410,8 +410,9 @@ def test_flow_notifies_on_bridge_topics(
             (f"esim/{ICCID_SMDP}/validity_remaining", "5"),
             (f"esim/{ICCID_SMDP}/smdp_status", "DOWNLOAD"),
             (f"esim/{ICCID_SMDP}/status", "GOT_RESOURCE"),
-            # notifications
+            # notifications; 20.0: the provider's 20 % webhook (~19.97 % left, one decimal)
             (f"esim/{ICCID_DATA}/data_remaining_percent", "10.0"),
+            (f"esim/{ICCID_STATUS}/data_remaining_percent", "20.0"),
             (f"esim/{ICCID_SMDP}/smdp_status", "ENABLED"),
             (f"esim/{ICCID_SMDP}/status", "IN_USE"),
             (f"esim/{ICCID_VALIDITY}/validity_remaining", "1"),
@@ -422,12 +423,13 @@ def test_flow_notifies_on_bridge_topics(
         expected = sorted(
             [
                 (ICCID_DATA, "low_data"),
+                (ICCID_STATUS, "low_data"),
                 (ICCID_SMDP, "installed"),
                 (ICCID_VALIDITY, "expiring"),
                 (ICCID_STATUS, "used_up"),
             ]
         )
-        wait_for(lambda: len(notifications.real()) >= len(expected), 15, "4 notifications")
+        wait_for(lambda: len(notifications.real()) >= len(expected), 15, "5 notifications")
 
         # The bridge republishes its retained topics on every reconnect: no news.
         for topic, payload in values[4:]:
@@ -440,8 +442,8 @@ def test_flow_notifies_on_bridge_topics(
     assert pairs(got) == expected, red.log()[-3000:]
     check_shape(got)
     assert notifications.bad == []
-    by_kind = {n["kind"]: n["message"] for n in got}
-    assert "10.0 %" in by_kind["low_data"]
+    low_data = {n["iccid"]: n["message"] for n in got if n["kind"] == "low_data"}
+    assert "10.0 %" in low_data[ICCID_DATA] and "20.0 %" in low_data[ICCID_STATUS]
 
 
 def webhook(name: str, content: dict[str, Any] | None = None, **top: Any) -> bytes:
