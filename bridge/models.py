@@ -18,10 +18,13 @@ import msgspec
 # The store keeps state as msgpack, which holds 64-bit integers: a larger number does
 # not fit the struct, so such a body is accepted raw instead of failing to store.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# An identifier the provider documents as a string may come as a number ("esimTranNo":
+# 25080323490020): it is taken as its digits rather than turning the body raw.
+Id = str | Int64
 
 
 class _Content(msgspec.Struct, rename="camel", kw_only=True):
-    order_no: str | None = None
+    order_no: Id | None = None
 
 
 class _Webhook(msgspec.Struct, tag_field="notifyType", rename="camel", kw_only=True):
@@ -35,8 +38,8 @@ class OrderContent(_Content):
 
 class EsimContent(_Content):
     iccid: str | None = None
-    esim_tran_no: str | None = None
-    transaction_id: str | None = None
+    esim_tran_no: Id | None = None
+    transaction_id: Id | None = None
 
 
 class SmdpContent(EsimContent):
@@ -96,6 +99,13 @@ class Envelope(msgspec.Struct):
     # Raw: kept unparsed, so a value msgspec cannot hold (1e400) does not make the body a 400
     notifyId: msgspec.Raw = msgspec.Raw()
     eventGenerateTime: msgspec.Raw = msgspec.Raw()
+    content: msgspec.Raw = msgspec.Raw()
+
+
+class _LooseContent(msgspec.Struct):
+    """Of a content that did not fit its type, the iccid, if it is a string."""
+
+    iccid: msgspec.Raw = msgspec.Raw()
 
 
 class BadWebhook(ValueError):
@@ -106,7 +116,8 @@ class Decoded(msgspec.Struct, frozen=True):
     """What a body turned out to be.
 
     `event` is the typed webhook, or None when the body is accepted raw, in
-    which case `problem` says why it did not fit.
+    which case `problem` says why it did not fit and `iccid` is the content's iccid,
+    if it has a string one (for the log line).
     """
 
     notify_type: str
@@ -114,10 +125,20 @@ class Decoded(msgspec.Struct, frozen=True):
     event_time: datetime | None
     event: Webhook | None = None
     problem: str | None = None
+    iccid: str | None = None
 
 
 _typed = msgspec.json.Decoder(Webhook, strict=False)
 _envelope = msgspec.json.Decoder(Envelope)
+_loose_content = msgspec.json.Decoder(_LooseContent)
+
+
+def _iccid(content: msgspec.Raw) -> str | None:
+    """The iccid of a raw content, if it is an object with a string iccid."""
+    try:
+        return _string(_loose_content.decode(content).iccid) if content else None
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _string(raw: msgspec.Raw) -> str | None:
@@ -189,4 +210,4 @@ def decode(body: bytes) -> Decoded:
     else:
         problem = f"unknown notifyType {envelope.notifyType!r}"
     return Decoded(envelope.notifyType, notify_id, _parse_time(_string(envelope.eventGenerateTime)),
-                   None, problem)
+                   None, problem, _iccid(envelope.content))

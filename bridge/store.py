@@ -109,8 +109,9 @@ class OutboxFull(StoreUnavailable):
 class Accepted:
     duplicate: bool
     iccid: str | None = None
-    warning: str | None = None
+    warning: str | None = None  # why it was published raw
     messages: int = 0
+    notice: str | None = None  # something odd about it, though understood
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,7 +700,7 @@ class Store:
         outbox.extend(discovery)
         outbox.extend(result.messages)
         count = len(discovery) + len(result.messages)
-        return Accepted(False, result.iccid, result.warning, count), new_esim
+        return Accepted(False, result.iccid, result.warning, count, result.notice), new_esim
 
     def _changed_discovery(
         self, conn: sqlite3.Connection, entity: str, record: Record

@@ -12,7 +12,7 @@ is only overwritten by an event at least as new as the one that set it.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -29,6 +29,8 @@ from bridge.models import (
 
 SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 INVALID = "INVALID"
+# How far ahead of this machine's clock an event's time may be and still be believed.
+FUTURE_SLACK = timedelta(hours=1)
 # The levels under <base> that are the bridge's own: an eSIM with one of these as its
 # iccid would write over `<base>/bridge/state` (every entity's availability), into
 # `<base>/event/...` or among the orders. No real ICCID (18 to 22 digits) is one.
@@ -62,13 +64,18 @@ class Record(msgspec.Struct):
 
 
 class Plan(msgspec.Struct):
-    """The outcome of one event: the entity it touched and the messages to send."""
+    """The outcome of one event: the entity it touched and the messages to send.
+
+    `warning`: why it was published raw. `notice`: something odd about an event that
+    was still understood (logged as a warning, and counted).
+    """
 
     messages: list[Message]
     entity: str | None = None
     record: Record | None = None
     iccid: str | None = None
     warning: str | None = None
+    notice: str | None = None
 
 
 # A value topic per state field that has one; the rest live only in the state JSON.
@@ -107,17 +114,23 @@ def text(value: Value) -> bytes:
 
 
 def percent(remain: int, total: int) -> float:
-    """`remain / total * 100` to one decimal."""
-    return round(remain / total * 100, 1)
+    """`remain / total * 100` to one decimal, within 0 to 100: a remain over the total
+    (a provider's slip) or below zero (overage) must not make a gauge read 500 %."""
+    return round(min(max(remain / total, 0.0), 1.0) * 100, 1)
+
+
+def _id(value: str | int | None) -> str | None:
+    """An identifier as the string it stands for (a provider may send its digits bare)."""
+    return None if value is None else str(value)
 
 
 def esim_fields(event: SmdpEvent | EsimStatus | DataUsage | ValidityUsage) -> dict[str, Value]:
     """The state fields an eSIM event carries (only those present)."""
     c = event.content
     found: dict[str, Any] = {
-        "order_no": c.order_no,
-        "esim_tran_no": c.esim_tran_no,
-        "transaction_id": c.transaction_id,
+        "order_no": _id(c.order_no),
+        "esim_tran_no": _id(c.esim_tran_no),
+        "transaction_id": _id(c.transaction_id),
     }
     if isinstance(event, SmdpEvent | EsimStatus):
         found.update(eid=event.content.eid, status=event.content.esim_status,
@@ -131,8 +144,6 @@ def esim_fields(event: SmdpEvent | EsimStatus | DataUsage | ValidityUsage) -> di
             remain_threshold=d.remain_threshold,
             data_updated_at=iso(d.last_update_time) if d.last_update_time else None,
         )
-        if d.remain is not None and d.total_volume:
-            found["data_remaining_percent"] = percent(d.remain, d.total_volume)
     else:
         v = event.content
         found.update(
@@ -166,6 +177,28 @@ def state_payload(record: Record) -> bytes:
     return msgspec.json.encode(ordered)
 
 
+def event_moment(decoded: Decoded, received_at: datetime) -> tuple[datetime, str | None]:
+    """When an event happened, for ordering it against others: its eventGenerateTime,
+    else when it was received. A time more than FUTURE_SLACK ahead of the bridge's own
+    clock counts as received now, with a notice: believed, one event stamped 2099 would
+    make every later one look older, and freeze its eSIM's state for good."""
+    moment = decoded.event_time
+    if moment is None:
+        return received_at, None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        believable = moment <= received_at + FUTURE_SLACK
+    except OverflowError:  # 9999-12-31T23:59:59-01:00: no such time in UTC
+        believable = False
+    if not believable:
+        return received_at, (
+            f"eventGenerateTime {moment.isoformat()} is more than an hour ahead of this "
+            "machine's clock: the event counts as received now"
+        )
+    return moment, None
+
+
 def plan(
     decoded: Decoded,
     body: bytes,
@@ -177,25 +210,41 @@ def plan(
 
     The caller looks the entity up with `entity_key(decoded)` before calling this.
     """
+    moment, notice = event_moment(decoded, received_at)
+    result = _plan(decoded, body, prior, received_at, moment, base)
+    if notice is not None and result.warning is None:
+        result.notice = notice
+    return result
+
+
+def _plan(
+    decoded: Decoded,
+    body: bytes,
+    prior: Record | None,
+    received_at: datetime,
+    moment: datetime,
+    base: str,
+) -> Plan:
     notify_type = decoded.notify_type
     event = decoded.event
     event_topic = Message(f"{base}/event/{notify_type}", body, retain=False)
-    moment = decoded.event_time or received_at
-    at = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    at = moment.timestamp()
 
     if not SEGMENT.match(notify_type):
         return Plan([Message(f"{base}/event/{INVALID}", body, False)],
                     warning=f"notifyType {notify_type!r} cannot be a topic segment")
-    if event is None:
-        return Plan([event_topic], warning=decoded.problem)
+    if event is None:  # raw: its event topic only, and the iccid for the log line
+        return Plan([event_topic], iccid=decoded.iccid, warning=decoded.problem)
 
     if isinstance(event, CheckHealth):
-        record, _ = merge(prior, {"last_health_check": iso(received_at)}, at)
-        health = Message(f"{base}/bridge/last_health_check", text(iso(received_at)), True)
+        # the time it was received is what it reports: newer than any before it
+        now = iso(received_at)
+        record, _ = merge(prior, {"last_health_check": now}, received_at.timestamp())
+        health = Message(f"{base}/bridge/last_health_check", text(now), True)
         return Plan([health, event_topic], entity="bridge", record=record)
 
     if isinstance(event, OrderStatus):
-        order_no, status = event.content.order_no, event.content.order_status
+        order_no, status = _id(event.content.order_no), event.content.order_status
         if order_no is None or status is None:
             return Plan([event_topic], warning="ORDER_STATUS without orderNo or orderStatus")
         if not SEGMENT.match(order_no):
@@ -219,6 +268,13 @@ def plan(
     if decoded.notify_id is not None:
         fields["last_notify_id"] = decoded.notify_id
     record, applied = merge(prior, fields, at)
+    if "data_remaining" in applied or "data_total" in applied:
+        # from the state, not the event alone: a DATA_USAGE without totalVolume still
+        # moves the percent, against the total known from before
+        total, remain = record.fields.get("data_total"), record.fields.get("data_remaining")
+        if isinstance(total, int) and total > 0 and isinstance(remain, int):
+            record, more = merge(record, {"data_remaining_percent": percent(remain, total)}, at)
+            applied += more
     prefix = f"{base}/{iccid}"
     messages = [
         Message(f"{prefix}/{VALUE_TOPICS[key]}", text(record.fields[key]), True)
@@ -239,7 +295,7 @@ def entity_key(decoded: Decoded) -> str | None:
     if isinstance(event, CheckHealth):
         return "bridge"
     if isinstance(event, OrderStatus):
-        order_no = event.content.order_no
+        order_no = _id(event.content.order_no)
         return f"order:{order_no}" if order_no and SEGMENT.match(order_no) else None
     iccid = event.content.iccid
     return f"esim:{iccid}" if iccid and iccid_problem(iccid) is None else None

@@ -156,6 +156,9 @@ class WebhookRoute:
             log.warning("%s accepted raw: %r", shown, accepted.warning)
         else:
             outcome = "accepted"
+            if accepted.notice:
+                metrics.warnings.inc()
+                log.warning("%s accepted: %s", shown, accepted.notice)
         metrics.count(label, outcome)
         log.info("%s iccid=%s %s %.1fms", shown, accepted.iccid or "-", outcome, elapsed * 1000)
         await _answer(send, 200, DUPLICATE if accepted.duplicate else OK)

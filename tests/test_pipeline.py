@@ -294,6 +294,26 @@ def test_unknown_type_and_misshapen_content_are_published_raw(
     assert "esim_bridge_warnings_total 2.0" in metrics
 
 
+def test_an_event_stamped_far_ahead_is_a_warning_and_does_not_freeze_the_esim(
+    bridge: BridgeProcess, mosquitto: Mosquitto
+) -> None:
+    iccid = "8943108170000000300"
+    stamped = {"notifyType": "ESIM_STATUS", "eventGenerateTime": "2099-01-01T00:00:00Z",
+               "notifyId": "far-ahead", "content": {"iccid": iccid, "esimStatus": "IN_USE"}}
+    later = {"notifyType": "ESIM_STATUS", "notifyId": "after-it",
+             "content": {"iccid": iccid, "esimStatus": "USED_UP"}}
+    with Watcher(mosquitto.port, [f"esim/{iccid}/status"]) as watcher:
+        assert bridge.post(json.dumps(stamped).encode()).json() == {"ok": True}
+        watcher.wait_for(f"esim/{iccid}/status", b"IN_USE")
+        assert bridge.post(json.dumps(later).encode()).json() == {"ok": True}
+        watcher.wait_for(f"esim/{iccid}/status", b"USED_UP")
+    warned = [line for line in bridge.log().splitlines() if "more than an hour ahead" in line]
+    assert warned and "WARNING" in warned[0] and "accepted" in warned[0]
+    metrics = bridge.get("/metrics").body.decode()
+    assert "esim_bridge_warnings_total 1.0" in metrics
+    assert 'notify_type="ESIM_STATUS",outcome="accepted"} 2.0' in metrics
+
+
 def test_numbers_as_strings_are_converted(bridge: BridgeProcess, mosquitto: Mosquitto) -> None:
     body = json.loads(fixture("data_usage"))
     body["notifyId"] = "as-strings"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -219,3 +219,89 @@ def test_snapshot_equals_the_retained_state_plan_left(name: str) -> None:
     retained = {m.topic: m.payload for m in result.messages if m.retain}
     again = {m.topic: m.payload for m in snapshot(result.entity, result.record, "esim")}
     assert again == retained
+
+
+# -- what a sender gets wrong ------------------------------------------------------------------
+
+
+def status_at(status: str, when: str | None, notify_id: str) -> bytes:
+    top = {"notifyId": notify_id} | ({"eventGenerateTime": when} if when else {})
+    return body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": status}, **top)
+
+
+def test_a_time_far_ahead_of_the_clock_counts_as_received_now() -> None:
+    """Believed, one event stamped 2099 would make every later event look older and
+    freeze the eSIM's status for good."""
+    future = status_at("IN_USE", "2099-01-01T00:00:00Z", "f1")
+    first = plan(decode(future), future, None, NOW, "esim")
+    assert first.notice and "2099-01-01" in first.notice and first.warning is None
+    assert first.record is not None
+    assert first.record.fields["last_event_at"] == iso(NOW)
+    later = status_at("USED_UP", "2026-01-01T12:30:00Z", "f2")
+    second = plan(decode(later), later, first.record, NOW + timedelta(minutes=30), "esim")
+    assert (f"{P}/status", b"USED_UP") in [(m.topic, m.payload) for m in second.messages]
+    assert second.notice is None
+
+
+def test_a_time_within_the_hour_ahead_is_believed() -> None:
+    """A sender's clock a little fast is not a reason to doubt it."""
+    soon = status_at("IN_USE", "2026-01-01T12:59:00Z", "s1")
+    result = plan(decode(soon), soon, None, NOW, "esim")
+    assert result.notice is None and result.record is not None
+    assert result.record.fields["last_event_at"] == "2026-01-01T12:59:00+00:00"
+
+
+def test_the_last_health_check_is_the_last_one_received_whatever_its_stamp() -> None:
+    stamped = body("CHECK_HEALTH", {"orderStatus": "Test"}, notifyId="h1",
+                   eventGenerateTime="2099-01-01T00:00:00Z")
+    first = plan(decode(stamped), stamped, None, NOW, "esim")
+    plain = body("CHECK_HEALTH", {"orderStatus": "Test"}, notifyId="h2")
+    later = NOW + timedelta(seconds=5)
+    second = plan(decode(plain), plain, first.record, later, "esim")
+    assert second.record is not None
+    assert second.record.fields["last_health_check"] == iso(later)
+    assert snapshot("bridge", second.record, "esim") == [
+        Message("esim/bridge/last_health_check", iso(later).encode(), True)]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"totalVolume": 1000, "remain": 5000}, b"100.0"),  # more left than the plan: 100
+        ({"totalVolume": 1000, "remain": -5}, b"0.0"),  # overage: 0, the bytes as sent
+    ],
+)
+def test_the_percent_stays_within_0_and_100(content: dict[str, object], expected: bytes) -> None:
+    retained, _ = run(body("DATA_USAGE", {"iccid": ICCID, **content}))
+    assert retained[f"{P}/data_remaining_percent"] == expected
+    assert retained[f"{P}/data_remaining"] == str(content["remain"]).encode()
+
+
+def test_the_percent_follows_a_remain_sent_without_its_total() -> None:
+    first = body("DATA_USAGE", {"iccid": ICCID, "totalVolume": 1000, "remain": 500},
+                 notifyId="p1")
+    before = plan(decode(first), first, None, NOW, "esim")
+    second = body("DATA_USAGE", {"iccid": ICCID, "remain": 100}, notifyId="p2")
+    after = plan(decode(second), second, before.record, NOW, "esim")
+    values = {m.topic: m.payload for m in after.messages if m.retain}
+    assert values[f"{P}/data_remaining_percent"] == b"10.0"
+    assert json.loads(values[f"{P}/state"])["data_remaining_percent"] == 10.0
+
+
+def test_identifiers_sent_as_numbers_are_taken_as_their_digits() -> None:
+    raw = body("ESIM_STATUS", {"iccid": ICCID, "esimTranNo": 25080323490020,
+                               "transactionId": 7, "orderNo": 123, "esimStatus": "USED_UP"})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert result.warning is None and result.record is not None
+    assert {k: result.record.fields[k] for k in ("esim_tran_no", "transaction_id", "order_no")} == {
+        "esim_tran_no": "25080323490020", "transaction_id": "7", "order_no": "123"}
+    order = body("ORDER_STATUS", {"orderNo": 42, "orderStatus": "GOT_RESOURCE"})
+    topics = [m.topic for m in plan(decode(order), order, None, NOW, "esim").messages]
+    assert "esim/order/42/status" in topics
+
+
+def test_a_raw_event_still_names_its_iccid_for_the_log() -> None:
+    raw = body("ESIM_STATUS", {"iccid": ICCID, "esimStatus": 5})
+    result = plan(decode(raw), raw, None, NOW, "esim")
+    assert result.warning and result.iccid == ICCID
+    assert [m.topic for m in result.messages] == ["esim/event/ESIM_STATUS"]
