@@ -379,6 +379,35 @@ def test_unfinished_headers_do_not_stall_others(bridge: BridgeProcess, watcher: 
             sock.close()
 
 
+def test_a_huge_head_is_refused_with_431_and_others_are_served_meanwhile(
+    bridge: BridgeProcess, watcher: Watcher
+) -> None:
+    """uvicorn's httptools protocol sets no bound on a request's head: one header line of
+    128 MB held the event loop for 14 s. Over 256 KB, the bridge answers 431 and hangs up;
+    webhooks sent back to back in one write are still webhooks."""
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
+        sock.sendall(f"POST {bridge.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode())
+        sent = 0
+        try:
+            while sent < 2 * 1024 * 1024:
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused already, as it should be
+        status, body = read_response(sock)
+        assert status == 431 and b"256 KB" in body
+        assert closed_by_server(sock)
+    assert bridge.get("/healthz").status == 200
+    # requests that end within one write do not count toward the next one's head
+    bodies = [webhook(f"pipelined-after-431-{i}", size=LIMIT) for i in range(3)]
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
+        sock.sendall(b"".join(head(bridge, LIMIT) + body for body in bodies))
+        assert [read_response(sock)[0] for _ in bodies] == [200, 200, 200]
+    for body in bodies:
+        watcher.wait_for("esim/event/ESIM_STATUS", body)
+    assert "its head is over" in bridge.log()
+
+
 def test_a_client_that_disconnects_mid_body_changes_nothing(
     bridge: BridgeProcess, watcher: Watcher
 ) -> None:
