@@ -180,6 +180,8 @@ def _time_without_utc(event: Webhook) -> str | None:
 
 def decode(body: bytes) -> Decoded:
     """Decode one webhook body, or raise BadWebhook saying what is wrong with it."""
+    if body.startswith(b"\x1f\x8b"):  # gzip's magic number: not UTF-8, but why is not that
+        raise BadWebhook("the body is gzip-compressed: send it uncompressed")
     try:
         body.decode()  # msgspec skips unknown fields unread; JSON must be UTF-8 throughout
     except UnicodeDecodeError as exc:

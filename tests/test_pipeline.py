@@ -3,6 +3,7 @@ on a real Mosquitto, from a real `esim-bridge serve` process."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Iterator
@@ -380,6 +381,7 @@ def test_an_iccid_naming_a_level_of_the_bridges_own_goes_to_invalid(
     ("body", "fragment"),
     [
         (b"not json", "not valid JSON"),
+        (gzip.compress(b'{"notifyType": "DATA_USAGE"}'), "gzip-compressed"),
         (b"[1, 2]", "JSON object"),
         (b'{"content": {}}', "notifyType"),
         (b'{"notifyType": 7}', "notifyType"),
