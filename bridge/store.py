@@ -528,10 +528,15 @@ class Store:
                 try:
                     self._checkpoint(conn)
                     if time.monotonic() >= next_cleanup:
-                        next_cleanup = time.monotonic() + CLEANUP_EVERY
                         cutoff = time.time() - self.dedup_seconds
                         with conn:
                             conn.execute("DELETE FROM seen WHERE at < ?", (cutoff,))
+                        next_cleanup = time.monotonic() + CLEANUP_EVERY
+                except sqlite3.OperationalError as exc:
+                    # busy: a long write has the store (startup's discovery sync of a large
+                    # fleet, say), and the next turn tries again
+                    if not is_busy(exc):
+                        log.warning("store maintenance could not run: %s", exc)
                 except sqlite3.Error as exc:
                     log.warning("store maintenance could not run: %s", exc)
             with contextlib.suppress(sqlite3.Error):
