@@ -76,16 +76,21 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport = _CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_body and not self.transport.is_closing():
+            end = data.find(b"\r\n\r\n")  # the head's end, if it is in this data
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD:
+                self._refuse()
+                return
         self._ended = False
         super().data_received(data)
-        if self._in_body or self._ended or self.transport.is_closing():
-            return  # a body is coming, or the next head starts within this data
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD:
-            logger.warning("refused a request from %s: its head is over %d bytes",
-                           (self.client or ("?",))[0], MAX_HEAD)
-            self.transport.write(_REFUSAL)
-            self.transport.close()
+        if not (self._in_body or self._ended):  # the head goes on in the next data
+            self._head_bytes += len(data)
+
+    def _refuse(self) -> None:
+        logger.warning("refused a request from %s: its head is over %d bytes",
+                       (self.client or ("?",))[0], MAX_HEAD)
+        self.transport.write(_REFUSAL)
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._in_body = True

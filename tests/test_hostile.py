@@ -385,18 +385,20 @@ def test_a_huge_head_is_refused_with_431_and_others_are_served_meanwhile(
     """uvicorn's httptools protocol sets no bound on a request's head: one header line of
     128 MB held the event loop for 14 s. Over 256 KB, the bridge answers 431 and hangs up;
     webhooks sent back to back in one write are still webhooks."""
-    with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
-        sock.sendall(f"POST {bridge.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode())
-        sent = 0
-        try:
-            while sent < 2 * 1024 * 1024:
-                sock.sendall(b"a" * 16384)
-                sent += 16384
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused already, as it should be
-        status, body = read_response(sock)
-        assert status == 431 and b"256 KB" in body
-        assert closed_by_server(sock)
+    start = f"POST {bridge.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode()
+    for pieces in (128, 1):  # a header line fed slowly, and one a little over, all at once
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
+            sock.sendall(start)
+            line = b"a" * (2 * 1024 * 1024 if pieces > 1 else 257 * 1024) + b"\r\n\r\n"
+            part = -(-len(line) // pieces)
+            try:
+                for i in range(pieces):
+                    sock.sendall(line[i * part:(i + 1) * part])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused already, as it should be
+            status, body = read_response(sock)
+            assert status == 431 and b"256 KB" in body
+            assert closed_by_server(sock)
     assert bridge.get("/healthz").status == 200
     # requests that end within one write do not count toward the next one's head
     bodies = [webhook(f"pipelined-after-431-{i}", size=LIMIT) for i in range(3)]
