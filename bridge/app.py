@@ -1,9 +1,7 @@
 """The HTTP side: a Litestar app that takes webhooks and answers once they are stored.
 
-`create_app(config)` builds the app; its lifespan owns the resources, in the
-order data flows: the embedded broker (when no mqtt.url is set), the store,
-the publisher. Shutting down runs that order backwards, so the publisher can
-still drain the outbox and say `offline` before the store closes.
+`create_app(config)` builds the resources (`Services`) and the app; a lifespan per
+resource starts and stops it.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,18 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 
-from bridge import __version__, homeassistant, topics
+from bridge import __version__
 from bridge.broker import EmbeddedBroker
+from bridge.committer import Committer
 from bridge.config import Config
+from bridge.homeassistant import HomeAssistant, birth_topic
+from bridge.maintenance import Maintenance
 from bridge.metrics import CONTENT_TYPE, Metrics
+from bridge.outbox import Message
 from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
-from bridge.store import Discovery, Store
-from bridge.topics import Message, Record
+from bridge.store import Store, StoreUnavailable
+from bridge.topics import Topics
 from bridge.webhook import WebhookRoute, webhook_path_item
 
 log = logging.getLogger("bridge.webhook")
@@ -43,55 +46,85 @@ JSON = "application/json"
 
 @dataclass
 class Services:
-    """Everything the lifespan starts; routes reach it through the closure."""
+    """The bridge's resources, built with the app and started by its lifespans, one each,
+    in the order data flows: the embedded broker (when no mqtt.url is set), the store
+    (with its committer and maintenance), the publisher, `bridge/info`. Shutting down
+    runs that order backwards, so the publisher can still drain the outbox and say
+    `offline` before the store closes. A route holds what it needs from the start: the
+    committer answers 503 until the store is open."""
 
     config: Config
+    topics: Topics
+    store: Store
+    committer: Committer
+    maintenance: Maintenance
+    publisher: PublisherProcess
+    broker: EmbeddedBroker | None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    broker: EmbeddedBroker | None = None
-    store: Store | None = None
-    publisher: PublisherProcess | None = None
+    info_posted: int = 0  # bridge/info messages put in the outbox (not counted as published)
 
-    def info(self) -> dict[str, Any]:
-        """The `bridge/info` payload."""
-        store, publisher, metrics = self.store, self.publisher, self.metrics
+    @classmethod
+    def build(cls, config: Config) -> Services:
+        topics = Topics(config.mqtt.base_topic)
+        ha = config.homeassistant
+        extension = (
+            HomeAssistant(topics, prefix=ha.prefix, version=__version__) if ha.discovery else None
+        )
+        broker = EmbeddedBroker(config.mqtt.embedded_listen) if config.mqtt.url is None else None
+        path = Path(config.store.path)
+        store = Store(
+            path,
+            topics=topics,
+            dedup_hours=config.store.dedup_hours,
+            max_outbox=config.store.max_outbox,
+            synchronous=config.store.synchronous,
+            homeassistant=extension,
+        )
+        publisher = PublisherProcess(
+            Settings(
+                db_path=str(path),
+                synchronous=config.store.synchronous,
+                address=BrokerAddress.parse(broker.url if broker else str(config.mqtt.url)),
+                client_id=config.mqtt.client_id,
+                state_topic=topics.bridge_state,
+                qos=config.mqtt.qos,
+                keepalive=config.mqtt.keepalive,
+                birth_topic=birth_topic(ha.prefix),
+                log_level=config.log.level.upper(),
+            )
+        )
+        maintenance = Maintenance(
+            path, synchronous=config.store.synchronous, dedup_hours=config.store.dedup_hours
+        )
+        return cls(config, topics, store, Committer(store), maintenance, publisher, broker)
+
+    def counts(self) -> dict[str, int]:
+        """The counts of `bridge/info`. `published` leaves out bridge/info itself: counted,
+        every bridge/info would change the next one."""
+        metrics = self.metrics
         return {
-            "version": __version__,
-            "started_at": self.started_at.isoformat(),
-            "counts": {
-                "webhooks_received": metrics.received,
-                "duplicates": metrics.duplicates,
-                "invalid": metrics.invalid,
-                "published": publisher.published if publisher else 0,
-                "outbox_backlog": store.backlog if store else 0,
-                "esims": store.esims if store else 0,
-            },
+            "webhooks_received": metrics.received,
+            "duplicates": metrics.duplicates,
+            "invalid": metrics.invalid,
+            "published": max(self.publisher.published - self.info_posted, 0),
+            "outbox_backlog": self.store.backlog,
+            "esims": self.store.esims,
         }
 
-
-def discovery_for(config: Config) -> tuple[Discovery | None, list[Message]]:
-    """The Home Assistant extension: per-entity discovery, and the bridge device's config."""
-    ha = config.homeassistant
-    if not ha.discovery:
-        return None, []
-    base = config.mqtt.base_topic
-
-    def discover(entity: str, record: Record) -> list[Message]:
-        kind, _, iccid = entity.partition(":")
-        if kind != "esim" or topics.iccid_problem(iccid) is not None:
-            return []  # (the second: an eSIM stored by an older version, see RESERVED)
-        topic, payload = homeassistant.esim_discovery(
-            iccid, record.fields, base=base, prefix=ha.prefix, version=__version__
-        )
-        return [Message(topic, payload, True)]
-
-    def inputs(entity: str, record: Record) -> object:
-        return homeassistant.esim_config_inputs(record.fields)
-
-    topic, payload = homeassistant.bridge_discovery(
-        base=base, prefix=ha.prefix, version=__version__
-    )
-    return Discovery(discover, inputs), [Message(topic, payload, True)]
+    def readiness(self) -> list[str]:
+        """Why the bridge is not ready; empty when it is."""
+        reasons = []
+        if not (self.store.is_open and self.maintenance.alive):
+            reasons.append("the store is not running")
+        elif self.committer.last_error:
+            reasons.append(self.committer.last_error)
+        publisher = self.publisher
+        if not publisher.connected:
+            address = publisher.address
+            reasons.append(f"not connected to the MQTT broker at {address.host}:"
+                           f"{address.port}: {publisher.last_error}")
+        return reasons
 
 
 def _error(status: int, message: str) -> Response[bytes]:
@@ -119,26 +152,11 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 
 def create_app(config: Config) -> Litestar:
-    """The app, with its routes and a lifespan that starts and stops every resource."""
-    services = Services(config)
+    """The app, with its routes and a lifespan per resource."""
+    services = Services.build(config)
     metrics = services.metrics
     gate = Gate(config.http.allowed_ips, config.http.trusted_proxies, config.http.token)
-
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await asyncio.to_thread(_start, services)
-        # Everything built so far (Litestar's app, the modules: ~55,000 objects) lives as
-        # long as the process; a full garbage collection would walk it all again (~15 ms,
-        # straight into some webhook's acknowledgement). Frozen, only new objects are.
-        gc.freeze()
-        info = asyncio.create_task(_publish_info(services))
-        try:
-            yield
-        finally:
-            info.cancel()
-            await asyncio.to_thread(_stop, services)
-
-    route = WebhookRoute(config.http, gate, metrics, lambda: services.store)
+    route = WebhookRoute(config.http, gate, metrics, services.committer)
     path = config.http.path.rstrip("/")
     handlers: list[Any] = [
         asgi(path, name="webhook", is_mount=route.mounted, copy_scope=False)(route)
@@ -150,20 +168,10 @@ def create_app(config: Config) -> Litestar:
 
     @get("/readyz", summary="200 when the store works and the broker is connected")
     async def readyz() -> Response[dict[str, Any]]:
-        reasons = []
-        store, publisher = services.store, services.publisher
-        if store is None or not store.alive:
-            reasons.append("the store is not running")
-        elif store.last_error:
-            reasons.append(store.last_error)
-        if publisher is None or not publisher.connected:
-            address = publisher.address if publisher else None
-            where = f" at {address.host}:{address.port}" if address else ""
-            error = publisher.last_error if publisher else "not started"
-            reasons.append(f"not connected to the MQTT broker{where}: {error}")
+        reasons = services.readiness()
         if reasons:
             return Response({"ready": False, "reasons": reasons}, status_code=503)
-        return Response({"ready": True, "outbox_backlog": store.backlog if store else 0})
+        return Response({"ready": True, "outbox_backlog": services.store.backlog})
 
     @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
     async def prometheus() -> Response[bytes]:
@@ -171,7 +179,12 @@ def create_app(config: Config) -> Litestar:
 
     app = Litestar(
         route_handlers=[*handlers, healthz, readyz, prometheus],
-        lifespan=[lifespan],
+        lifespan=[
+            partial(_embedded_broker, services),
+            partial(_store, services),
+            partial(_publisher, services),
+            partial(_bridge_info, services),
+        ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         openapi_config=OpenAPIConfig(title="esim-bridge", version=__version__, path="/schema"),
         request_max_body_size=config.http.max_body_bytes,
@@ -183,60 +196,75 @@ def create_app(config: Config) -> Litestar:
     return app
 
 
-def _start(services: Services) -> None:
-    config = services.config
-    url = config.mqtt.url
-    if url is None:
-        services.broker = EmbeddedBroker(config.mqtt.embedded_listen)
-        services.broker.start()
-        url = services.broker.url
-        broker = services.broker
-        if broker.host in ("0.0.0.0", "::"):
-            where = f"this machine's address, port {broker.port}"
-        else:
-            where = f"{broker.host}:{broker.port}"
-            if broker.host in ("127.0.0.1", "::1", "localhost"):
-                where += (" (this machine only: for Home Assistant in a VM or a container, "
-                          f"set mqtt.embedded_listen = \"0.0.0.0:{broker.port}\")")
-        log.info(
-            "no mqtt.url set: using the embedded broker. Point Home Assistant's MQTT "
-            "integration (and Node-RED) at %s, or set mqtt.url to use a broker of your own.",
-            where,
-        )
-    discovery, bridge_config = discovery_for(config)
-    store = Store(
-        Path(config.store.path),
-        base=config.mqtt.base_topic,
-        dedup_hours=config.store.dedup_hours,
-        max_outbox=config.store.max_outbox,
-        synchronous=config.store.synchronous,
-        discovery=discovery,
+@asynccontextmanager
+async def _embedded_broker(services: Services, app: Litestar) -> AsyncIterator[None]:
+    broker = services.broker
+    if broker is None:
+        yield
+        return
+    await asyncio.to_thread(broker.start)
+    if broker.host in ("0.0.0.0", "::"):
+        where = f"this machine's address, port {broker.port}"
+    else:
+        where = f"{broker.host}:{broker.port}"
+        if broker.host in ("127.0.0.1", "::1", "localhost"):
+            where += (" (this machine only: for Home Assistant in a VM or a container, "
+                      f"set mqtt.embedded_listen = \"0.0.0.0:{broker.port}\")")
+    log.info(
+        "no mqtt.url set: using the embedded broker. Point Home Assistant's MQTT "
+        "integration (and Node-RED) at %s, or set mqtt.url to use a broker of your own.",
+        where,
     )
-    store.open()
-    services.store = store
-    store.sync_discovery(bridge_config)
-    publisher = PublisherProcess(
-        Settings(
-            db_path=str(store.path),
-            synchronous=config.store.synchronous,
-            address=BrokerAddress.parse(url),
-            client_id=config.mqtt.client_id,
-            base=config.mqtt.base_topic,
-            qos=config.mqtt.qos,
-            keepalive=config.mqtt.keepalive,
-            birth_topic=f"{config.homeassistant.prefix}/status",
-            log_level=config.log.level.upper(),
-        )
-    )
-    services.publisher = publisher
-    store.on_commit(publisher.poke)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+@asynccontextmanager
+async def _store(services: Services, app: Litestar) -> AsyncIterator[None]:
+    """Open the store, start its upkeep, and bring the retained topics in line with the
+    settings (discovery on or off, its prefix, the base topic) before taking webhooks."""
+    store, maintenance, committer = services.store, services.maintenance, services.committer
+    await asyncio.to_thread(store.open)
+    maintenance.start()
+    try:
+        await committer.resync()
+        yield
+    finally:
+        committer.close()
+        maintenance.stop()
+        await asyncio.to_thread(store.close)
+
+
+@asynccontextmanager
+async def _publisher(services: Services, app: Litestar) -> AsyncIterator[None]:
+    publisher, store = services.publisher, services.store
+    services.committer.on_commit(publisher.poke)
     services.metrics.bind(
         backlog=lambda: store.backlog,
         published=lambda: publisher.published,
         connected=lambda: float(publisher.connected),
         esims=lambda: store.esims,
     )
-    publisher.start()
+    await asyncio.to_thread(publisher.start)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(publisher.stop, services.config.mqtt.shutdown_timeout)
+
+
+@asynccontextmanager
+async def _bridge_info(services: Services, app: Litestar) -> AsyncIterator[None]:
+    # Everything built so far (Litestar's app, the modules: ~55,000 objects) lives as
+    # long as the process; a full garbage collection would walk it all again (~15 ms,
+    # straight into some webhook's acknowledgement). Frozen, only new objects are.
+    gc.freeze()
+    task = asyncio.create_task(_publish_info(services))
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 INFO_EVERY = 5.0  # s between looks at the counts while the broker is connected
@@ -246,26 +274,26 @@ INFO_WAIT = 0.25  # s between looks at the connection while it is not
 async def _publish_info(services: Services) -> None:
     """Put `bridge/info` in the outbox once the broker is connected, then whenever its
     counts change. Not while the broker is away: nobody would see it, and each one would
-    add to the outbox backlog it reports, a change that called for another one. For the
-    same reason `published` does not count bridge/info itself (see the publisher)."""
-    last = b""
+    add to the outbox backlog it reports, a change that called for another one. A store
+    that cannot write now leaves it for the next look."""
+    last: dict[str, int] = {}
+    topic = services.topics.bridge_info
     while True:
-        publisher, store = services.publisher, services.store
-        if publisher is None or store is None or not publisher.connected:
+        if not services.publisher.connected:
             await asyncio.sleep(INFO_WAIT)
             continue
-        payload = msgspec.json.encode(services.info())
-        if payload != last:
-            store.append_async([Message(f"{services.config.mqtt.base_topic}/bridge/info",
-                                        payload, True)])
-            last = payload
+        counts = services.counts()
+        if counts != last:
+            payload = msgspec.json.encode({
+                "version": __version__,
+                "started_at": services.started_at.isoformat(),
+                "counts": counts,
+            })
+            try:
+                await services.committer.post([Message(topic, payload, True)])
+            except StoreUnavailable:
+                pass  # the committer logged it, and /readyz says so
+            else:
+                services.info_posted += 1
+                last = counts
         await asyncio.sleep(INFO_EVERY)
-
-
-def _stop(services: Services) -> None:
-    if services.publisher is not None:
-        services.publisher.stop(services.config.mqtt.shutdown_timeout)
-    if services.store is not None:
-        services.store.close()
-    if services.broker is not None:
-        services.broker.stop()

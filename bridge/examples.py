@@ -14,6 +14,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bridge.models import KNOWN_TYPES
+
 EXAMPLE_ICCID = "8943108170001029631"
 GIB = 1024**3
 
@@ -60,5 +62,4 @@ def example(notify_type: str, iccid: str = EXAMPLE_ICCID) -> dict[str, Any]:
 
 
 WITHOUT_ICCID = ("CHECK_HEALTH", "ORDER_STATUS")
-TYPES = ("CHECK_HEALTH", "ORDER_STATUS", "SMDP_EVENT", "ESIM_STATUS", "DATA_USAGE",
-         "VALIDITY_USAGE")
+TYPES = KNOWN_TYPES

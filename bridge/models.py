@@ -11,7 +11,7 @@ has a type we do not know, is still accepted and published raw.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, get_args
 
 import msgspec
 
@@ -88,8 +88,10 @@ class ValidityUsage(_Webhook, tag="VALIDITY_USAGE"):
 
 
 Webhook = CheckHealth | OrderStatus | SmdpEvent | EsimStatus | DataUsage | ValidityUsage
-KNOWN_TYPES = ("CHECK_HEALTH", "ORDER_STATUS", "SMDP_EVENT", "ESIM_STATUS", "DATA_USAGE",
-               "VALIDITY_USAGE")
+# The notify types the bridge understands: the union's tags, the one list of them.
+KNOWN_TYPES: tuple[str, ...] = tuple(
+    str(kind.__struct_config__.tag) for kind in get_args(Webhook)
+)
 
 
 class Envelope(msgspec.Struct):

@@ -13,9 +13,12 @@ builds it; paho's message objects cost two fifths of this process's CPU) and sen
 in order, after a reconnect; a restart starts again from the oldest row still in the
 outbox. Either way delivery is at-least-once and in the order received.
 
-On every connect: `bridge/state` = `online`, then every retained message the store
-stands for (discovery, per-eSIM state), because the broker may have lost them.
-Home Assistant's birth message triggers the same, after a short random delay.
+On every connect: `bridge/state` = `online`, then every retained topic in the store's
+table of them (discovery, per-eSIM state, bridge/info), because the broker may have
+lost them; topics with a message still waiting in the outbox are left to it, so no
+subscriber sees a newer value before an older one. Home Assistant's birth message
+triggers the same, after a short random delay. Messages are never skipped or merged:
+after an outage a subscriber sees every value a retained topic took, in order.
 
 paho runs on the publisher's own thread (`_wait`: select, then paho's loop_read,
 loop_write and loop_misc), not on a network thread of its own: with two threads, every
@@ -43,16 +46,16 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from bridge import store as storage
+from bridge import db, outbox
 from bridge.logs import configure_logging
-from bridge.topics import Message
+from bridge.outbox import Message
 
 if TYPE_CHECKING:  # imported where used: the webhook process never loads paho
     import paho.mqtt.client as mqtt
 
 log = logging.getLogger("bridge.publisher")  # not __main__ when run with -m
 
-READ_BATCH = 5000  # larger reads coalesce more superseded retained updates under backlog
+READ_BATCH = 5000  # outbox rows read at a time
 ACK_FLUSH = 512
 # Sent rows are deleted in batches, at most this often when the outbox runs dry: each
 # delete is a write to the store (pages in the WAL, later copied into the database), and
@@ -93,7 +96,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     synchronous: str
     address: BrokerAddress
     client_id: str
-    base: str
+    state_topic: str  # `online` on connect, `offline` on stop and as the last will
     qos: int = 1
     keepalive: int = 30
     birth_topic: str | None = None
@@ -179,16 +182,12 @@ class Publisher:
         self._pokes = pokes  # the read end of the parent's poke pipe, waited on in _wait
         self.drain_seconds = 5.0
         self._stop = threading.Event()
-        self.state_topic = f"{settings.base}/bridge/state"
+        self.state_topic = settings.state_topic
         self.connected = False
         # mid -> (outbox id, or None when not from the outbox; its PUBLISH, to send again
         # after a reconnect), in the order sent
         self._pending: dict[int, tuple[int | None, bytes]] = {}
         self._mid = 0  # the last message id given out
-        # bridge/info reports how many messages were published: counting its own would
-        # change it every time it is published, and call for the next one
-        self._info_topic = f"{settings.base}/bridge/info"
-        self._uncounted: set[int] = set()  # mids of bridge/info messages in flight
         self._acks: collections.deque[int] = collections.deque()
         self._done: list[int] = []  # outbox ids acknowledged, waiting to be deleted
         self._cursor = 0
@@ -203,11 +202,11 @@ class Publisher:
         self._deadline: float | None = None  # set when the drain on stop begins
         # reads, and deletes of sent rows: a delete lost in a power cut only means a
         # message is sent again, so it need not wait for the disk
-        self._db = storage.connect(Path(settings.db_path), "off", storage.SMALL_CACHE_KIB)
+        self._db = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
         # Deletes never wait for the bridge's write lock: when it is busy committing, the
         # ids are kept and deleted with the next ones, instead of SQLite's busy handler
         # sleeping (1, 2, 5, 10 ms...) here while messages wait to be published.
-        self._deleter = storage.connect(Path(settings.db_path), "off", storage.SMALL_CACHE_KIB)
+        self._deleter = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
         self._deleter.execute("PRAGMA busy_timeout=0")
         self._delete_warned = 0.0
         self._published = 0
@@ -348,7 +347,7 @@ class Publisher:
         if self._snapshot_at is not None and time.monotonic() >= self._snapshot_at:
             self._snapshot_at = None
             self._publish_snapshot()
-        rows = storage.read_outbox(self._db, self._cursor, READ_BATCH)
+        rows = outbox.read_outbox(self._db, self._cursor, READ_BATCH)
         if rows:
             self._publish_rows(rows)
             return
@@ -425,22 +424,17 @@ class Publisher:
             self._step()
             self._take_acks()
             self._flush_done()
-            if not self._pending and not storage.read_outbox(self._db, 0, 1):
+            if not self._pending and not outbox.read_outbox(self._db, 0, 1):
                 return
-        left = storage.backlog(self._db)
+        left = outbox.backlog(self._db)
         if left:
             log.warning("stopping with %d messages still in the outbox; they are sent on the "
                         "next start", left)
 
     def _publish_rows(self, rows: list[tuple[int, Message]]) -> None:
-        """Send a batch in order; a retained message that a later one in the batch replaces
-        is skipped (the topic ends up the same). Event topics are never skipped."""
-        last_for_topic = {msg.topic: row_id for row_id, msg in rows if msg.retain}
+        """Send a batch in order, every message of it."""
         for row_id, msg in rows:
             self._cursor = row_id
-            if msg.retain and last_for_topic[msg.topic] != row_id:
-                self._done.append(row_id)
-                continue
             self._send(msg, row_id)
         if len(self._done) >= ACK_FLUSH:
             self._flush_done()
@@ -448,7 +442,7 @@ class Publisher:
     def _publish_snapshot(self) -> None:
         count = 0
         self._send(Message(self.state_topic, b"online", True), None)
-        for msg in storage.iter_snapshot(self._db, self.settings.base):
+        for msg in outbox.snapshot(self._db, self._cursor):
             if not self.connected:
                 return
             self._send(msg, None)
@@ -464,18 +458,15 @@ class Publisher:
                 break  # stopping, and a stalled broker must not hold the exit up
             self._wait(0.1)
             self._take_acks()
-        counted = msg.topic != self._info_topic
         if self.settings.qos == 0:
             self.client.publish(msg.topic, msg.payload, qos=0, retain=msg.retain)
             if row_id is not None:
                 self._done.append(row_id)
-            self._count(int(counted))
+            self._count(1)
             return None
         mid = self._next_mid()
         packet = self.client.queue_publish(mid, msg.topic.encode(), msg.payload, msg.retain)
         self._pending[mid] = (row_id, packet)
-        if not counted:
-            self._uncounted.add(mid)
         return mid
 
     def _next_mid(self) -> int:
@@ -498,10 +489,7 @@ class Publisher:
             if mid not in self._pending:
                 continue
             row_id, _ = self._pending.pop(mid)
-            if self._uncounted and mid in self._uncounted:
-                self._uncounted.discard(mid)
-            else:
-                acked += 1
+            acked += 1
             if row_id is not None:
                 self._done.append(row_id)
         if acked:
@@ -515,9 +503,9 @@ class Publisher:
         if not self._done:
             return
         try:
-            storage.delete_outbox(self._deleter, self._done)
+            outbox.delete_outbox(self._deleter, self._done)
         except sqlite3.OperationalError as exc:
-            if not storage.is_busy(exc) and time.monotonic() - self._delete_warned > 10:
+            if not db.is_busy(exc) and time.monotonic() - self._delete_warned > 10:
                 self._delete_warned = time.monotonic()
                 log.warning("could not delete %d sent messages from the outbox yet: %s",
                             len(self._done), exc)

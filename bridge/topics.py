@@ -1,7 +1,9 @@
 """This event, on top of this state, gives these MQTT messages: the pure heart.
 
-No I/O here. The store calls `plan` inside its transaction and appends the
-messages to the outbox; the publisher only sends them.
+No I/O here. For each webhook the store calls `route` once (which entity, or why
+it is published raw or as INVALID), loads that entity's record, calls `plan`
+inside its transaction and appends the messages to the outbox; the retained ones
+also go to the table of retained topics. The publisher only sends them.
 
 State is kept per *entity* (an eSIM, an order, the bridge) as a `Record`: the
 contract's state fields plus, for each field, the time of the event that set
@@ -12,8 +14,9 @@ is only overwritten by an event at least as new as the one that set it.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -26,6 +29,7 @@ from bridge.models import (
     SmdpEvent,
     ValidityUsage,
 )
+from bridge.outbox import Message
 
 SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 INVALID = "INVALID"
@@ -48,14 +52,6 @@ def iccid_problem(iccid: str) -> str | None:
 Value = str | int | float
 
 
-class Message(msgspec.Struct, frozen=True, array_like=True):
-    """One finished MQTT message, as the outbox holds it."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-
-
 class Record(msgspec.Struct):
     """What is known about one entity, and when each field was last set."""
 
@@ -63,18 +59,69 @@ class Record(msgspec.Struct):
     times: dict[str, float] = msgspec.field(default_factory=dict)
 
 
-class Plan(msgspec.Struct):
-    """The outcome of one event: the entity it touched and the messages to send.
+class Topics:
+    """Every topic under `<base>`, spelled here and nowhere else."""
 
-    `warning`: why it was published raw. `notice`: something odd about an event that
-    was still understood (logged as a warning, and counted).
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.bridge_state = f"{base}/bridge/state"
+        self.bridge_info = f"{base}/bridge/info"
+        self.last_health_check = f"{base}/bridge/last_health_check"
+        self.invalid = f"{base}/event/{INVALID}"
+
+    def event(self, notify_type: str) -> str:
+        return f"{self.base}/event/{notify_type}"
+
+    def esim(self, iccid: str, leaf: str) -> str:
+        """`<base>/<iccid>/<leaf>`: leaf is a value topic, `state` or `event`."""
+        return f"{self.base}/{iccid}/{leaf}"
+
+    def order_status(self, order_no: str) -> str:
+        return f"{self.base}/order/{order_no}/status"
+
+
+class Entity(NamedTuple):
+    """What a state record belongs to: an eSIM (by iccid), an order, or the bridge."""
+
+    kind: str  # "esim", "order" or "bridge"
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        """Its key in the store: `esim:<iccid>`, `order:<orderNo>` or `bridge`."""
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+    @classmethod
+    def parse(cls, key: str) -> Entity:
+        kind, _, name = key.partition(":")
+        return cls(kind, name)
+
+
+BRIDGE = Entity("bridge")
+
+
+class Route(NamedTuple):
+    """Where one webhook goes, decided once, before anything is loaded or written.
+
+    `entity`: the record it changes, or None when it is published on its event topic
+    only. `warning`: why it was published raw. `invalid`: a value that would be a topic
+    segment is not one, so it goes to `<base>/event/INVALID` alone.
+    """
+
+    entity: Entity | None
+    warning: str | None = None
+    invalid: bool = False
+
+
+class Plan(msgspec.Struct):
+    """The outcome of one event: the entity's new record and the messages to send.
+
+    `notice`: something odd about an event that was still understood (logged as a
+    warning, and counted).
     """
 
     messages: list[Message]
-    entity: str | None = None
     record: Record | None = None
-    iccid: str | None = None
-    warning: str | None = None
     notice: str | None = None
 
 
@@ -199,74 +246,66 @@ def event_moment(decoded: Decoded, received_at: datetime) -> tuple[datetime, str
     return moment, None
 
 
-def plan(
-    decoded: Decoded,
-    body: bytes,
-    prior: Record | None,
-    received_at: datetime,
-    base: str,
-) -> Plan:
-    """The messages one accepted webhook produces, given the prior record of its entity.
-
-    The caller looks the entity up with `entity_key(decoded)` before calling this.
-    """
-    moment, notice = event_moment(decoded, received_at)
-    result = _plan(decoded, body, prior, received_at, moment, base)
-    if notice is not None and result.warning is None:
-        result.notice = notice
-    return result
-
-
-def _plan(
-    decoded: Decoded,
-    body: bytes,
-    prior: Record | None,
-    received_at: datetime,
-    moment: datetime,
-    base: str,
-) -> Plan:
-    notify_type = decoded.notify_type
-    event = decoded.event
-    event_topic = Message(f"{base}/event/{notify_type}", body, retain=False)
-    at = moment.timestamp()
-
+def route(decoded: Decoded) -> Route:
+    """Which entity a webhook changes, or why it changes none: the one place that looks
+    at its identifiers and checks that they can be topic segments."""
+    notify_type, event = decoded.notify_type, decoded.event
     if not SEGMENT.match(notify_type):
-        return Plan([Message(f"{base}/event/{INVALID}", body, False)],
-                    warning=f"notifyType {notify_type!r} cannot be a topic segment")
-    if event is None:  # raw: its event topic only, and the iccid for the log line
-        return Plan([event_topic], iccid=decoded.iccid, warning=decoded.problem)
-
+        return Route(None, f"notifyType {notify_type!r} cannot be a topic segment", True)
+    if event is None:  # raw: its event topic only
+        return Route(None, decoded.problem)
     if isinstance(event, CheckHealth):
-        # the time it was received is what it reports: newer than any before it
-        now = iso(received_at)
-        record, _ = merge(prior, {"last_health_check": now}, received_at.timestamp())
-        health = Message(f"{base}/bridge/last_health_check", text(now), True)
-        return Plan([health, event_topic], entity="bridge", record=record)
-
+        return Route(BRIDGE)
     if isinstance(event, OrderStatus):
-        order_no, status = _id(event.content.order_no), event.content.order_status
-        if order_no is None or status is None:
-            return Plan([event_topic], warning="ORDER_STATUS without orderNo or orderStatus")
+        order_no = _id(event.content.order_no)
+        if order_no is None or event.content.order_status is None:
+            return Route(None, "ORDER_STATUS without orderNo or orderStatus")
         if not SEGMENT.match(order_no):
-            return Plan([Message(f"{base}/event/{INVALID}", body, False)],
-                        warning=f"orderNo {order_no!r} cannot be a topic segment")
-        record, applied = merge(prior, {"order_status": status}, at)
-        messages = [event_topic]
-        if applied:  # a stale ORDER_STATUS leaves the retained status alone
-            messages.insert(0, Message(f"{base}/order/{order_no}/status", status.encode(), True))
-        return Plan(messages, entity=f"order:{order_no}", record=record)
-
+            return Route(None, f"orderNo {order_no!r} cannot be a topic segment", True)
+        return Route(Entity("order", order_no))
     iccid = event.content.iccid
     if iccid is None:
-        return Plan([event_topic], warning=f"{notify_type} without an iccid")
+        return Route(None, f"{notify_type} without an iccid")
     problem = iccid_problem(iccid)
     if problem is not None:
-        return Plan([Message(f"{base}/event/{INVALID}", body, False)], warning=problem)
+        return Route(None, problem, True)
+    return Route(Entity("esim", iccid))
 
+
+def plan(
+    to: Route,
+    decoded: Decoded,
+    body: bytes,
+    prior: Record | None,
+    received_at: datetime,
+    topics: Topics,
+) -> Plan:
+    """The messages one accepted webhook produces, given where `route` sent it and the
+    prior record of that entity."""
+    if to.invalid:
+        return Plan([Message(topics.invalid, body, False)])
+    event_topic = Message(topics.event(decoded.notify_type), body, False)
+    if to.entity is None:
+        return Plan([event_topic])
+    moment, notice = event_moment(decoded, received_at)
+    if to.entity.kind == "bridge":
+        # the time it was received is what it reports: newer than any before it
+        now = iso(received_at)
+        record, applied = merge(prior, {"last_health_check": now}, received_at.timestamp())
+        return Plan([*retained(BRIDGE, record, topics, applied), event_topic], record, notice)
+    event = decoded.event
+    if isinstance(event, OrderStatus):
+        status = str(event.content.order_status)
+        record, applied = merge(prior, {"order_status": status}, moment.timestamp())
+        # a stale ORDER_STATUS leaves the retained status alone
+        return Plan([*retained(to.entity, record, topics, applied), event_topic], record, notice)
+    assert event is not None and not isinstance(event, CheckHealth)
+    iccid = to.entity.name
     fields = esim_fields(event)
-    fields.update(iccid=iccid, last_event=notify_type, last_event_at=iso(moment))
+    fields.update(iccid=iccid, last_event=decoded.notify_type, last_event_at=iso(moment))
     if decoded.notify_id is not None:
         fields["last_notify_id"] = decoded.notify_id
+    at = moment.timestamp()
     record, applied = merge(prior, fields, at)
     if "data_remaining" in applied or "data_total" in applied:
         # from the state, not the event alone: a DATA_USAGE without totalVolume still
@@ -275,50 +314,33 @@ def _plan(
         if isinstance(total, int) and total > 0 and isinstance(remain, int):
             record, more = merge(record, {"data_remaining_percent": percent(remain, total)}, at)
             applied += more
-    prefix = f"{base}/{iccid}"
-    messages = [
-        Message(f"{prefix}/{VALUE_TOPICS[key]}", text(record.fields[key]), True)
-        for key in VALUE_TOPICS
-        if key in applied
-    ]
-    messages.append(Message(f"{prefix}/state", state_payload(record), True))
-    messages.append(Message(f"{prefix}/event", body, False))
+    messages = retained(to.entity, record, topics, applied)
+    messages.append(Message(topics.esim(iccid, "event"), body, False))
     messages.append(event_topic)
-    return Plan(messages, entity=f"esim:{iccid}", record=record, iccid=iccid)
+    return Plan(messages, record, notice)
 
 
-def entity_key(decoded: Decoded) -> str | None:
-    """Which record an event reads and writes, so the store can load it first."""
-    event = decoded.event
-    if event is None or not SEGMENT.match(decoded.notify_type):
-        return None
-    if isinstance(event, CheckHealth):
-        return "bridge"
-    if isinstance(event, OrderStatus):
-        order_no = _id(event.content.order_no)
-        return f"order:{order_no}" if order_no and SEGMENT.match(order_no) else None
-    iccid = event.content.iccid
-    return f"esim:{iccid}" if iccid and iccid_problem(iccid) is None else None
+def retained(
+    entity: Entity, record: Record, topics: Topics, fields: Collection[str] | None = None
+) -> list[Message]:
+    """The retained messages an entity's record stands for: those of `fields` (the ones
+    an event just set), or all of them. An eSIM's JSON state is always among them. The
+    event path and the store's upgrade of an older database both build them here."""
+    def wanted(key: str) -> bool:
+        return key in record.fields and (fields is None or key in fields)
 
-
-def snapshot(entity: str, record: Record, base: str) -> list[Message]:
-    """Every retained message an entity's record stands for, to republish on connect."""
-    kind, _, name = entity.partition(":")
-    if kind == "esim" and iccid_problem(name) is not None:
-        return []  # stored by an older version, which did not refuse it
-    if kind == "esim":
-        prefix = f"{base}/{name}"
+    if entity.kind == "esim":
         out = [
-            Message(f"{prefix}/{topic}", text(record.fields[key]), True)
-            for key, topic in VALUE_TOPICS.items()
-            if key in record.fields
+            Message(topics.esim(entity.name, leaf), text(record.fields[key]), True)
+            for key, leaf in VALUE_TOPICS.items()
+            if wanted(key)
         ]
-        out.append(Message(f"{prefix}/state", state_payload(record), True))
+        out.append(Message(topics.esim(entity.name, "state"), state_payload(record), True))
         return out
-    if kind == "order" and "order_status" in record.fields:
+    if entity.kind == "order" and wanted("order_status"):
         status = text(record.fields["order_status"])
-        return [Message(f"{base}/order/{name}/status", status, True)]
-    if kind == "bridge" and "last_health_check" in record.fields:
+        return [Message(topics.order_status(entity.name), status, True)]
+    if entity.kind == "bridge" and wanted("last_health_check"):
         last = text(record.fields["last_health_check"])
-        return [Message(f"{base}/bridge/last_health_check", last, True)]
+        return [Message(topics.last_health_check, last, True)]
     return []

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs
@@ -41,9 +40,10 @@ from litestar.types import HTTPScope, Receive, Scope, Send
 from bridge.metrics import Metrics
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
 from bridge.security import Gate
-from bridge.store import OutboxFull, Store, StoreUnavailable
+from bridge.store import OutboxFull, StoreUnavailable
 
 if TYPE_CHECKING:
+    from bridge.committer import Committer
     from bridge.config import HttpConfig
 
 log = logging.getLogger("bridge.webhook")
@@ -85,7 +85,7 @@ class WebhookRoute:
     """The ASGI callable behind `POST <path>` (and `POST <path>/<token>`)."""
 
     def __init__(
-        self, http: HttpConfig, gate: Gate, metrics: Metrics, store: Callable[[], Store | None]
+        self, http: HttpConfig, gate: Gate, metrics: Metrics, store: Committer
     ) -> None:
         # With a token, the route is mounted at the path: `<path>/<token>` reaches it too,
         # the token in what is left of the path. (Not a `{token:str}` path parameter:
@@ -137,10 +137,8 @@ class WebhookRoute:
         label = decoded.notify_type if decoded.notify_type in KNOWN_TYPES else "OTHER"
         # the sender's own string, quoted and cut when unknown: it must not forge log lines
         shown = decoded.notify_type if label != "OTHER" else repr(decoded.notify_type[:64])
-        store = self.store()
-        assert store is not None
         try:
-            accepted = await store.submit_async(decoded, body, received_at)
+            accepted = await self.store.submit_async(decoded, body, received_at)
         except StoreUnavailable as exc:
             metrics.count(label, "unavailable")
             log.error("%s answered 503: %s", shown, exc)

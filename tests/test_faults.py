@@ -212,6 +212,14 @@ def assert_delivered(
         assert [n for n in got if n not in maybe] == expected, (
             f"esim/{iccid}/event: order or content differs from the acknowledgements"
         )
+        # its retained state too: every value it took, in order, none skipped after an
+        # outage, and never a newer one before an older one (values of webhooks from
+        # before these, retained on the broker when the subscriber came, aside)
+        states = [json.loads(p)["last_notify_id"] for t, p, _ in messages
+                  if t == f"esim/{iccid}/state"]
+        assert [n for n in first_seen(states) if n in set(expected)] == expected, (
+            f"esim/{iccid}/state: a value skipped or out of order"
+        )
 
 
 def assert_retained_state(

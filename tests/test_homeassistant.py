@@ -19,15 +19,14 @@ from bridge.homeassistant import (
     ESIM_CONFIG_FIELDS,
     ESIM_STATUSES,
     EVENT_TYPES,
-    NOTIFY_TYPES,
     SMDP_STATUSES,
     bridge_discovery,
     bridge_discovery_topic,
     esim_config_inputs,
     esim_discovery,
     esim_discovery_topic,
-    removal_topics,
 )
+from bridge.models import KNOWN_TYPES
 
 ICCID = "8943108170001029631"
 BASE = "esim"
@@ -250,7 +249,7 @@ def test_enum_sensors_list_every_documented_value_and_map_the_rest_to_none() -> 
 def test_event_types_are_notify_types_and_smdp_statuses() -> None:
     event = config(esim()[1])["cmps"]["last_event"]
     assert event["event_types"] == list(EVENT_TYPES)
-    assert set(event["event_types"]) == set(NOTIFY_TYPES) | set(SMDP_STATUSES)
+    assert set(event["event_types"]) == set(KNOWN_TYPES) | set(SMDP_STATUSES)
     assert "event_type=t" in event["value_template"]
 
 
@@ -303,18 +302,3 @@ def test_connectivity_shows_offline_instead_of_going_unavailable() -> None:
     assert not {k for k in conn if k.startswith(("availability", "avty"))}
     for comp in cmps.values():
         assert comp["availability_topic"] == "b1/bridge/state"
-
-
-def test_removal_topics_cover_bridge_and_each_esim_once() -> None:
-    assert removal_topics(["b", "a", "b"], prefix="hp") == [
-        "hp/device/esim_bridge/config",
-        "hp/device/esim_a/config",
-        "hp/device/esim_b/config",
-    ]
-    assert removal_topics([], prefix="hp") == ["hp/device/esim_bridge/config"]
-
-
-@pytest.mark.parametrize("bad", ["", "89/43", "89+43", "89#", "89 43", "8" * 65])
-def test_an_iccid_that_cannot_be_a_topic_segment_is_refused(bad: str) -> None:
-    with pytest.raises(ValueError, match="topic segment"):
-        esim_discovery(bad, {}, base=BASE, prefix=PREFIX, version=VERSION)

@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.app import discovery_for
-from bridge.config import Config
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
-from bridge.store import SCHEMA, Store, delete_outbox, runs
-from bridge.topics import SEGMENT, Record, plan
+from bridge.outbox import delete_outbox, runs
+from bridge.store import SCHEMA, dedup_key
+from bridge.topics import SEGMENT, Record, Topics, plan, route
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, assert_survived
+from tests.stores import Driver, open_store
 
 BASE = "esim"
 FAST = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
@@ -208,7 +208,8 @@ def test_decode_and_plan_take_every_well_formed_body(case: tuple[dict[str, Any],
         return
     decoded = decode(raw)
     assert decoded.notify_type == body["notifyType"]
-    result = plan(decoded, raw, None, NOW, BASE)
+    to = route(decoded)
+    result = plan(to, decoded, raw, None, NOW, Topics(BASE))
     events = [m for m in result.messages if m.topic.startswith(f"{BASE}/event/")]
     assert len(events) == 1, result.messages  # every accepted webhook: one event topic,
     assert events[0].payload == raw and not events[0].retain  # carrying the body as received
@@ -217,7 +218,7 @@ def test_decode_and_plan_take_every_well_formed_body(case: tuple[dict[str, Any],
         assert base == BASE and all(SEGMENT.match(level) for level in levels), message.topic
     if result.record is not None:  # the store keeps records as msgpack
         record = msgspec.msgpack.decode(msgspec.msgpack.encode(result.record), type=Record)
-        again = plan(decoded, raw, record, NOW + timedelta(seconds=1), BASE)
+        again = plan(to, decoded, raw, record, NOW + timedelta(seconds=1), Topics(BASE))
         assert len([m for m in again.messages if m.topic.startswith(f"{BASE}/event/")]) == 1
 
 
@@ -257,28 +258,44 @@ def test_deleting_many_scattered_messages_takes_several_statements() -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
     """A real store with Home Assistant discovery on, so odd fields reach that code too."""
-    discovery, _ = discovery_for(Config())
     path = tmp_path_factory.mktemp("properties") / "store.db"
-    kept = Store(path, base=BASE, synchronous="normal", discovery=discovery)
-    kept.open()
-    try:
-        yield kept
-    finally:
-        kept.close()
+    with open_store(path, base=BASE, synchronous="normal") as driver:
+        yield driver
+
+
+SEEN: set[str] = set()  # dedup keys the module's store has taken
 
 
 @STORED
 @given(bodies)
 def test_the_store_takes_every_well_formed_body(
-    store: Store, case: tuple[dict[str, Any], bytes]
+    store: Driver, case: tuple[dict[str, Any], bytes]
 ) -> None:
+    """Every well-formed body is taken once: its messages reach the outbox, among them its
+    event topic with the body as received, and the retained ones the table of retained
+    topics; a body seen before is a duplicate and adds nothing."""
     body, raw = case
     if not well_formed(body):
         return
-    accepted = store.ingest(decode(raw), raw, datetime.now(UTC))
-    assert accepted.duplicate or accepted.messages >= 1
+    key = dedup_key(decode(raw), raw)
+    before = store.outbox()[-1][0] if store.outbox() else 0
+    accepted = store.ingest(raw)
+    added = [message for _, message in store.outbox(before)]
+    assert accepted.duplicate == (key in SEEN)
+    SEEN.add(key)
+    if accepted.duplicate:
+        assert added == []
+        return
+    assert len(added) == accepted.messages
+    events = [m for m in added if m.topic.startswith(f"{BASE}/event/")]
+    assert [(m.payload, m.retain) for m in events] == [(raw, False)]
+    kept = store.retained()
+    for message in added:
+        if message.retain:  # the newest payload of each retained topic, or cleared
+            newest = [m.payload for m in added if m.topic == message.topic][-1]
+            assert kept.get(message.topic, b"") == newest
 
 
 # -- over HTTP, against the real bridge --------------------------------------------------------

@@ -6,15 +6,15 @@ import json
 import os
 import sqlite3
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bridge.models import decode
-from bridge.store import Store
+from bridge import outbox
 from tests.processes import FIXTURES
+from tests.stores import open_store
 
 WEBHOOKS = 100
-# Measured: ~13 KB per webhook at 1 KB pages, ~29 KB at SQLite's default 4 KB pages.
+# Measured: ~15 KB per webhook at 1 KB pages (~13 KB before the table of retained topics),
+# ~29 KB at SQLite's default 4 KB pages.
 MOST_BYTES_PER_WEBHOOK = 16_000
 
 
@@ -22,16 +22,13 @@ def test_one_webhook_writes_few_bytes_to_the_wal(tmp_path: Path) -> None:
     """Every commit writes the pages it touched whole, and is fsynced before the answer: the
     bytes per webhook are what the disk (an SD card, often) pays for each acknowledgement."""
     template = json.loads((FIXTURES / "data_usage.json").read_text())
-    store = Store(tmp_path / "bridge.db", base="esim")
-    store.open()
-    try:
+    with open_store(tmp_path / "bridge.db") as store:
 
         def ingest(n: int) -> None:
             body = dict(template, notifyId=f"wal-{n}")
             body["content"] = dict(template["content"], iccid=f"89000000000000{n % 10:05d}",
                                    remain=5351505742 - n)
-            raw = json.dumps(body).encode()
-            store.ingest(decode(raw), raw, datetime.now(UTC))
+            store.ingest(json.dumps(body).encode())
 
         for n in range(WEBHOOKS):  # the tables are past their first pages
             ingest(n)
@@ -47,6 +44,110 @@ def test_one_webhook_writes_few_bytes_to_the_wal(tmp_path: Path) -> None:
         for n in range(WEBHOOKS, 2 * WEBHOOKS):  # one webhook per commit: the worst case
             ingest(n)
         written = os.path.getsize(tmp_path / "bridge.db-wal") / WEBHOOKS
-    finally:
-        store.close()
     assert written <= MOST_BYTES_PER_WEBHOOK, f"{written:,.0f} bytes per webhook"
+
+
+# -- the table of retained topics ----------------------------------------------------------------
+
+ICCID = "8943108170001029631"
+
+
+def data_usage(notify_id: str, remain: int, iccid: str = ICCID) -> bytes:
+    body = json.loads((FIXTURES / "data_usage.json").read_text())
+    body["notifyId"] = notify_id
+    body["content"].update(iccid=iccid, remain=remain)
+    return json.dumps(body).encode()
+
+
+def test_every_retained_message_sent_is_in_the_table_with_its_newest_payload(
+    tmp_path: Path,
+) -> None:
+    with open_store(tmp_path / "bridge.db") as store:
+        for n in range(3):
+            store.ingest(data_usage(f"r{n}", 1000 - n))
+        sent = [m for _, m in store.outbox() if m.retain]
+        newest = {m.topic: m.payload for m in sent}
+        assert store.retained() == newest
+        assert newest[f"esim/{ICCID}/data_remaining"] == b"998"
+        assert f"homeassistant/device/esim_{ICCID}/config" in newest
+
+
+def test_the_snapshot_leaves_topics_still_in_the_outbox_to_it(tmp_path: Path) -> None:
+    """On connect the publisher republishes the table, but not a topic whose messages still
+    wait in the outbox: they go out in order and end at the same value, and the newest
+    first would show a subscriber 998, then 1000, 999, 998."""
+    with open_store(tmp_path / "bridge.db") as store:
+        store.ingest(data_usage("s0", 1000, iccid="1111"))
+        (last_sent, _), *_ = store.outbox()[-1:]
+        for n in range(3):
+            store.ingest(data_usage(f"s{n + 1}", 1000 - n))
+        snapshot = {m.topic: m.payload for m in outbox.snapshot(store.db, last_sent)}
+    assert f"esim/{ICCID}/data_remaining" not in snapshot
+    assert f"esim/{ICCID}/state" not in snapshot
+    assert snapshot["esim/1111/data_remaining"] == b"1000"
+    assert "homeassistant/device/esim_1111/config" in snapshot
+
+
+def test_a_new_base_topic_moves_every_retained_topic(tmp_path: Path) -> None:
+    with open_store(tmp_path / "bridge.db", base="old") as store:
+        store.ingest(data_usage("b1", 5))
+    with open_store(tmp_path / "bridge.db", base="new") as store:
+        kept = store.retained()
+        sent = {m.topic: m.payload for _, m in store.outbox() if m.retain}
+    assert kept[f"new/{ICCID}/data_remaining"] == b"5"
+    assert not [topic for topic in kept if topic.startswith("old/")]
+    assert sent[f"old/{ICCID}/data_remaining"] == b""  # cleared on the broker
+    config = json.loads(kept[f"homeassistant/device/esim_{ICCID}/config"])
+    assert config["cmps"]["data_remaining"]["state_topic"] == f"new/{ICCID}/data_remaining"
+
+
+def test_discovery_turned_off_clears_every_config_and_nothing_else(tmp_path: Path) -> None:
+    with open_store(tmp_path / "bridge.db") as store:
+        store.ingest(data_usage("d1", 5))
+        before = store.retained()
+    with open_store(tmp_path / "bridge.db", discovery=False) as store:
+        after = store.retained()
+        cleared = {m.topic for _, m in store.outbox() if m.retain and not m.payload}
+    configs = {topic for topic in before if topic.startswith("homeassistant/")}
+    assert configs == {"homeassistant/device/esim_bridge/config",
+                       f"homeassistant/device/esim_{ICCID}/config"}
+    assert cleared == configs
+    assert after == {t: p for t, p in before.items() if t not in configs}
+
+
+def test_a_store_of_the_version_before_the_retained_table_is_upgraded(tmp_path: Path) -> None:
+    """Version 0 kept the configs it sent in a `discovery` table and rebuilt the rest from
+    the records on every connect: after the upgrade the table holds both, and a config
+    that did not change is not sent again."""
+    path = tmp_path / "bridge.db"
+    with open_store(path) as store:
+        store.ingest(data_usage("u1", 5))
+        configs = {t: p for t, p in store.retained().items() if t.startswith("homeassistant/")}
+        everything = store.retained()
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(
+        "CREATE TABLE discovery (topic TEXT PRIMARY KEY, payload BLOB NOT NULL) WITHOUT ROWID;"
+        "DROP TABLE retained; DELETE FROM outbox; PRAGMA user_version = 0;"
+    )
+    old.executemany("INSERT INTO discovery VALUES (?, ?)", configs.items())
+    old.close()
+    with open_store(path) as store:
+        assert store.retained() == everything
+        resent = {m.topic for _, m in store.outbox()}
+    assert not resent & set(configs)  # the configs were known to be on the broker already
+
+
+def test_an_esim_an_older_version_stored_under_a_reserved_name_gets_no_topics(
+    tmp_path: Path,
+) -> None:
+    """Before `bridge` was refused as an iccid, it was stored: its topics would write over
+    the bridge's own."""
+    path = tmp_path / "bridge.db"
+    with open_store(path) as store:
+        store.ingest(data_usage("x1", 5))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO entity SELECT 'esim:bridge', record FROM entity WHERE key = ?",
+               (f"esim:{ICCID}",))
+    db.close()
+    with open_store(path) as store:
+        assert not [topic for topic in store.retained() if topic.startswith("esim/bridge/")]
