@@ -6,6 +6,7 @@ with SIGTERM, kill it with SIGKILL, and start it again on the same store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,15 +338,28 @@ def assert_changes_nothing(
     assert stateful_metrics(bridge) == before
 
 
-def assert_survived(bridge: BridgeProcess) -> None:
-    """The bridge still runs, serves and is ready, with no traceback and no 503 so far."""
-    assert bridge.proc is not None and bridge.proc.poll() is None
+@contextlib.contextmanager
+def survives(bridge: BridgeProcess) -> Iterator[None]:
+    """What the block sends leaves the bridge running, serving and ready, with no
+    traceback in its log and no 503 (`outcome="unavailable"`) meanwhile."""
+    log_from = bridge.log_path.stat().st_size if bridge.log_path.exists() else 0
+    unavailable_before = _unavailable(bridge)
+    yield
+    assert bridge.proc is not None and bridge.proc.poll() is None, bridge.log()[-3000:]
     assert bridge.get("/healthz").status == 200
     assert bridge.get("/readyz").status == 200
-    log = bridge.log()
+    with open(bridge.log_path, "rb") as log_file:
+        log_file.seek(log_from)
+        log = log_file.read().decode(errors="replace")
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
-    metrics = bridge.get("/metrics").body.decode()
-    assert 'outcome="unavailable"' not in metrics
+    assert _unavailable(bridge) == unavailable_before
+
+
+def _unavailable(bridge: BridgeProcess) -> float:
+    """Webhooks answered 503 so far, as /metrics counts them."""
+    lines = bridge.get("/metrics").body.decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("esim_bridge_webhooks_total") and 'outcome="unavailable"' in line)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
