@@ -26,6 +26,9 @@ logger = logging.getLogger("bridge.http")
 class _CoalescingTransport:
     """A connection's transport whose writes in one loop turn leave as one."""
 
+    # uvicorn 0.55 private: answers leave only by write()/close() on the protocol's
+    # `transport` attribute; anything else it calls passes through `__getattr__`.
+
     __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -67,15 +70,20 @@ _REFUSAL = (
 class HttpProtocol(HttpToolsProtocol):
     """`uvicorn.Config(http=HttpProtocol)`."""
 
+    # these names and `_refuse` are free in uvicorn 0.55's HttpToolsProtocol (none of its own)
     _head_bytes = 0  # received since the last request ended, while no body is coming
     _in_body = False
     _ended = False  # a request ended in the data being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # uvicorn 0.55 private: each request's cycle reads `self.transport` (set here) in
+        # on_headers_complete; FlowControl and the addresses keep the real transport.
         super().connection_made(transport)
         self.transport = _CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # uvicorn 0.55 private: super() feeds all of `data` to httptools at once, which calls
+        # on_headers_complete / on_message_complete (below) before it returns.
         if not self._in_body and not self.transport.is_closing():
             end = data.find(b"\r\n\r\n")  # the head's end, if it is in this data
             if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD:
@@ -93,9 +101,11 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
+        # uvicorn 0.55 private: httptools calls this on `self` (HttpRequestParser(self)).
         self._in_body = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        # uvicorn 0.55 private: httptools calls this on `self` at each request's end.
         self._in_body, self._head_bytes, self._ended = False, 0, True
         super().on_message_complete()

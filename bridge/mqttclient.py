@@ -60,6 +60,7 @@ def as_duplicate(packet: bytes) -> bytes:
 def write_later(client: mqtt.Client, userdata: object, sock: object) -> None:
     """For `on_socket_register_write`: with it set, paho queues each packet instead of
     writing it at once, and the caller's loop writes them all in its next loop_write."""
+    # paho 2.2 private: `_packet_queue` calls loop_write() itself only when this is unset
 
 
 class BufferedClient(mqtt.Client):
@@ -84,14 +85,18 @@ class BufferedClient(mqtt.Client):
         sends it), and return it. paho neither keeps nor resends it: the caller keeps it
         until `on_lean_puback(mid)`, and hands it to `queue_again` after a reconnect."""
         packet = publish_packet(mid, topic, payload, retain)
+        # paho 2.2 private: `_packet_queue` sends the bytes as given, reads no info for QoS 1,
+        # and reconnect() clears the queue (so a queue_again never sends a packet twice)
         self._packet_queue(PacketTypes.PUBLISH, packet, mid, 1)
         return packet
 
     def queue_again(self, mid: int, packet: bytes) -> None:
         """Queue a packet from `queue_publish` once more, flagged DUP."""
+        # paho 2.2 private: as in queue_publish
         self._packet_queue(PacketTypes.PUBLISH, as_duplicate(packet), mid, 1)
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        # paho 2.2 private: `_packet_read`'s only read of the socket, via `self._sock`
         if self._sock is not self._buffered_socket:  # a new connection: start empty
             self._buffered_socket, self._buffer, self._offset = self._sock, b"", 0
         if self._offset >= len(self._buffer):
@@ -104,6 +109,7 @@ class BufferedClient(mqtt.Client):
         return self._buffer[start:self._offset]
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
+        # paho 2.2 private: `_packet_write`'s only write; a full count marks the packet sent
         if self._outgoing is None or self._sock is not self._outgoing_socket:
             return super()._sock_send(buf)  # outside loop_write: as paho does
         self._outgoing += buf
@@ -125,9 +131,11 @@ class BufferedClient(mqtt.Client):
         del self._outgoing[:sent]
 
     def want_write(self) -> bool:
+        # paho 2.2: its loop_write() asks this to (un)register the socket for writing
         return bool(self._outgoing) or super().want_write()
 
     def loop_write(self) -> MQTTErrorCode:
+        # paho 2.2 private: `_packet_write` sends every queued packet through `_sock_send`
         self._send_outgoing()
         if self._outgoing:  # still full: paho's packets wait their turn, in order
             return MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -139,6 +147,8 @@ class BufferedClient(mqtt.Client):
         return rc
 
     def _sock_close(self) -> None:
+        # paho 2.2 private: called right after a DISCONNECT is written, and whenever the
+        # connection ends (a drop, reconnect())
         self._send_outgoing()  # a DISCONNECT paho just wrote goes out before the close
         self._outgoing = None
         super()._sock_close()
@@ -146,6 +156,7 @@ class BufferedClient(mqtt.Client):
     def _buffered(self) -> bool:
         """Bytes already read that select() cannot see: in our buffer, or (TLS) decrypted
         and waiting in the SSL object, which paho's own loop checks for the same reason."""
+        # paho 2.2 private: `self._sock` is the connected socket, None when there is none
         if self._sock is None:
             return False
         pending = getattr(self._sock, "pending", None)
@@ -157,6 +168,8 @@ class BufferedClient(mqtt.Client):
         """A 3.1.1 PUBACK is a message id and nothing else; paho still built a ReasonCode
         and a Properties object for each (and a packet tuple around them): a fifth of the
         publisher's CPU. Those are shared here. MQTT 5 and PUBCOMP go paho's way."""
+        # paho 2.2 private: `_in_packet["packet"]` holds the bytes after the fixed header,
+        # and `_out_messages` (under `_out_message_mutex`) only paho's own publish() calls
         packet = self._in_packet["packet"]
         if cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5 or len(packet) != 2:
             return super()._handle_pubackcomp(cmd)
@@ -169,6 +182,8 @@ class BufferedClient(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # paho 2.2 private: super() reads max(len(_out_messages) + len(_in_messages), 1)
+        # packets whatever max_packets says, so 1 for a stream of `queue_publish`es
         rc = super().loop_read(max_packets)
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._buffered():
             rc = super().loop_read(max_packets)

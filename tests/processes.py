@@ -6,6 +6,8 @@ with SIGTERM, kill it with SIGKILL, and start it again on the same store.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import signal
@@ -15,7 +17,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,9 @@ class BridgeProcess:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "bridge.log"
+        # how `post_sentinel` gets past this bridge's guard (a token, the allowed addresses)
+        self.sentinel_headers: dict[str, str] = {}
+        self.sentinel_source = "127.0.0.1"
 
     @property
     def base_url(self) -> str:
@@ -276,6 +282,12 @@ class Watcher:
                     raise TimeoutError(f"{topic} = {payload!r} not seen in {timeout}s; saw {seen}")
                 self._cond.wait(left)
 
+    def index(self, topic: str, payload: bytes) -> int:
+        """Where `topic` with `payload` first is in `messages`."""
+        with self._cond:
+            return next(i for i, (t, p, _) in enumerate(self.messages)
+                        if t == topic and p == payload)
+
     def wait_count(self, topic: str, count: int, timeout: float = 30.0) -> list[bytes]:
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -320,11 +332,39 @@ def stateful_metrics(bridge: BridgeProcess) -> list[str]:
 # The bridge's own housekeeping topics, which move without any webhook.
 QUIET = ("esim/bridge/info", "esim/bridge/state")
 
+# A notifyType of the tests' own: the bridge publishes it raw on <base>/event/SENTINEL only.
+SENTINEL = "SENTINEL"
 
-def published(watcher: Watcher, quiet: float = 0.3) -> list[tuple[str, bytes]]:
-    """What reached the broker since the watcher was cleared, housekeeping aside."""
-    watcher.settle(quiet=quiet)
-    return [(t, p) for t, p, _ in watcher.messages if not t.startswith(QUIET)]
+
+def post_sentinel(bridge: BridgeProcess, watcher: Watcher, base: str = "esim") -> int:
+    """Post a sentinel webhook and wait for its own event topic; its index in
+    `watcher.messages`.
+
+    "Nothing was published" cannot be shown by waiting a while. The outbox is first in,
+    first out, so once the sentinel arrived, everything that earlier requests to this
+    bridge would have published has arrived before it. `watcher` must see
+    `<base>/event/SENTINEL`. (It counts as a webhook accepted raw, with a warning.)
+    """
+    body = json.dumps({"notifyType": SENTINEL, "notifyId": uuid.uuid4().hex}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", bridge.port, timeout=10,
+                                      source_address=(bridge.sentinel_source, 0))
+    try:
+        conn.request("POST", bridge.path, body,
+                     {"Content-Type": "application/json", **bridge.sentinel_headers})
+        answer = conn.getresponse()
+        assert answer.status == 200, (answer.status, answer.read())
+    finally:
+        conn.close()
+    topic = f"{base}/event/{SENTINEL}"
+    watcher.wait_for(topic, body)
+    return watcher.index(topic, body)
+
+
+def published(bridge: BridgeProcess, watcher: Watcher) -> list[tuple[str, bytes]]:
+    """What `bridge` published since the watcher was cleared, housekeeping aside: all of
+    it, since a sentinel posted now has come through (`post_sentinel`)."""
+    end = post_sentinel(bridge, watcher)
+    return [(t, p) for t, p, _ in watcher.messages[:end] if not t.startswith(QUIET)]
 
 
 def assert_changes_nothing(
@@ -333,19 +373,32 @@ def assert_changes_nothing(
     """`act` must publish nothing and leave the stored state as it was."""
     before = stateful_metrics(bridge)
     act()
-    assert published(watcher) == []
-    assert stateful_metrics(bridge) == before
+    assert stateful_metrics(bridge) == before  # before the sentinel, which counts
+    assert published(bridge, watcher) == []
 
 
-def assert_survived(bridge: BridgeProcess) -> None:
-    """The bridge still runs, serves and is ready, with no traceback and no 503 so far."""
-    assert bridge.proc is not None and bridge.proc.poll() is None
+@contextlib.contextmanager
+def survives(bridge: BridgeProcess) -> Iterator[None]:
+    """What the block sends leaves the bridge running, serving and ready, with no
+    traceback in its log and no 503 (`outcome="unavailable"`) meanwhile."""
+    log_from = bridge.log_path.stat().st_size if bridge.log_path.exists() else 0
+    unavailable_before = _unavailable(bridge)
+    yield
+    assert bridge.proc is not None and bridge.proc.poll() is None, bridge.log()[-3000:]
     assert bridge.get("/healthz").status == 200
     assert bridge.get("/readyz").status == 200
-    log = bridge.log()
+    with open(bridge.log_path, "rb") as log_file:
+        log_file.seek(log_from)
+        log = log_file.read().decode(errors="replace")
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
-    metrics = bridge.get("/metrics").body.decode()
-    assert 'outcome="unavailable"' not in metrics
+    assert _unavailable(bridge) == unavailable_before
+
+
+def _unavailable(bridge: BridgeProcess) -> float:
+    """Webhooks answered 503 so far, as /metrics counts them."""
+    lines = bridge.get("/metrics").body.decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("esim_bridge_webhooks_total") and 'outcome="unavailable"' in line)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

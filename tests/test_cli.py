@@ -15,7 +15,7 @@ import pytest
 
 from bridge import __version__
 from tests.brokers import Mosquitto, free_port
-from tests.processes import BridgeProcess, Watcher, write_config
+from tests.processes import BridgeProcess, Watcher, post_sentinel, write_config
 
 ESIM_BRIDGE = [sys.executable, "-m", "bridge"]
 
@@ -186,7 +186,7 @@ def test_a_second_bridge_on_the_same_port_or_store_stops_at_once(
     every entity in Home Assistant flapped between available and not."""
     first = BridgeProcess(tmp_path / "first", mosquitto.url).start()
     try:
-        with Watcher(mosquitto.port, ["esim/bridge/state"]) as watcher:
+        with Watcher(mosquitto.port, ["esim/bridge/state", "esim/event/#"]) as watcher:
             watcher.wait_for("esim/bridge/state", b"online")
             same_port = write_config(tmp_path / "same-port.toml", {
                 "http": {"host": "127.0.0.1", "port": first.port},
@@ -205,7 +205,8 @@ def test_a_second_bridge_on_the_same_port_or_store_stops_at_once(
             assert result.returncode == 1
             assert "in use by another esim-bridge" in result.stderr
             assert "store.path" in result.stderr
-            watcher.settle(quiet=1.0)
+            # had the first been knocked off, its reconnect's `online` would come first
+            post_sentinel(first, watcher)
             assert watcher.payloads("esim/bridge/state") == [b"online"]
         assert first.get("/readyz").status == 200
     finally:

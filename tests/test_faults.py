@@ -20,7 +20,9 @@ import contextlib
 import errno
 import json
 import os
+import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -348,6 +350,17 @@ def header(answer: Any, name: str) -> str | None:
     return next((v for k, v in answer.headers.items() if k.lower() == name.lower()), None)
 
 
+def read_status(sock: socket.socket) -> int:
+    """The status code of the HTTP response that arrives on `sock`."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed before a response: {data!r}")
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
 def ids(batch: Sequence[Hook]) -> set[str]:
     return {h.notify_id for h in batch}
 
@@ -555,15 +568,25 @@ def test_a_writer_holding_the_store_briefly_delays_webhooks_not_refuses_them(
     bridge = make_bridge(broker.url).start()
     batch = hooks("brief", iccids("12", 4), 8)
     lock = sqlite3.connect(bridge.workdir / "bridge.db", isolation_level=None, timeout=10)
+    sockets: list[socket.socket] = []
     try:
         lock.execute("BEGIN IMMEDIATE")
-        poster = Poster(bridge, batch, timeout=10.0).start()
-        time.sleep(0.1)  # well inside the bridge's patience for another writer (0.25 s)
+        for hook in batch:  # each whole request sent, on a connection of its own
+            sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)
+            sockets.append(sock)
+            sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(hook.body), hook.body))
+        # well inside the bridge's patience for another writer (0.25 s): every one waits
+        answered, _, _ = select.select(sockets, [], [], 0.1)
+        assert answered == [], "answered while another writer held the store"
         lock.rollback()
-        poster.join()
+        statuses = [read_status(sock) for sock in sockets]
     finally:
         lock.close()
-    assert poster.statuses() == {200: len(batch)}, poster.answers
+        for sock in sockets:
+            sock.close()
+    assert statuses == [200] * len(batch)
 
 
 def test_kill9_while_draining_is_at_least_once(

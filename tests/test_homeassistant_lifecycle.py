@@ -12,7 +12,7 @@ import paho.mqtt.publish as publish
 
 from bridge.publisher import BIRTH_DELAY
 from tests.brokers import Mosquitto
-from tests.processes import BridgeProcess, Watcher, fixture, retained
+from tests.processes import BridgeProcess, Watcher, fixture, post_sentinel, retained
 
 ICCID = "8943108170001029631"
 ESIM_CONFIG = f"homeassistant/device/esim_{ICCID}/config"
@@ -36,7 +36,7 @@ def test_discovery_on_first_sight_and_only_on_change(
             for n in range(3):
                 assert bridge.post(data_usage(f"n{n}", 1000 - n)).status == 200
             watcher.wait_for(f"esim/{ICCID}/data_remaining", b"998")
-            watcher.settle()
+            post_sentinel(bridge, watcher)
             configs = watcher.payloads(ESIM_CONFIG)
             assert len(configs) == 1, "discovery is sent once, not on every webhook"
             config = json.loads(configs[0])
@@ -51,7 +51,7 @@ def test_discovery_on_first_sight_and_only_on_change(
             validity["content"].update(iccid=ICCID, durationUnit="HOUR")
             assert bridge.post(json.dumps(validity).encode()).status == 200
             watcher.wait_count(ESIM_CONFIG, 2)
-            watcher.settle()
+            post_sentinel(bridge, watcher)
             assert len(watcher.payloads(ESIM_CONFIG)) == 2
         broker_view = retained(mosquitto.port, "homeassistant/#")
         assert set(broker_view) == {ESIM_CONFIG, BRIDGE_CONFIG}

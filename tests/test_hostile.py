@@ -25,9 +25,9 @@ from tests.processes import (
     BridgeProcess,
     Watcher,
     assert_changes_nothing,
-    assert_survived,
     fixture,
     published,
+    survives,
 )
 
 LIMIT = 16384
@@ -159,14 +159,15 @@ NOT_WEBHOOKS = {
 def test_a_body_that_is_no_webhook_gets_400_and_changes_nothing(
     body: bytes, bridge: BridgeProcess, watcher: Watcher
 ) -> None:
-    answers = []
-    assert_changes_nothing(
-        bridge, watcher, lambda: answers.append(bridge.post(body, method="POST"))
-    )
-    answer = answers[0]
-    assert answer.status == 400, answer
-    assert answer.json()["ok"] is False
-    assert answer.json()["error"]  # names the problem
+    with survives(bridge):
+        answers = []
+        assert_changes_nothing(
+            bridge, watcher, lambda: answers.append(bridge.post(body, method="POST"))
+        )
+        answer = answers[0]
+        assert answer.status == 400, answer
+        assert answer.json()["ok"] is False
+        assert answer.json()["error"]  # names the problem
 
 
 # -- odd but well-formed webhooks: 200, published raw or converted, never 5xx ------------------
@@ -237,33 +238,35 @@ INVALID = {"iccid-empty", "iccid-wildcard", "iccid-nul", "iccid-unicode", "notif
 def test_an_odd_webhook_is_acknowledged_and_published_as_received(
     case: str, bridge: BridgeProcess, watcher: Watcher
 ) -> None:
-    body = ODD[case]
-    if isinstance(body, dict):
-        body = {**body, "notifyId": body.get("notifyId", uuid.uuid4().hex)}
-        raw = json.dumps(body, ensure_ascii=False).encode()
-    else:
-        raw = body.replace(b"{", b'{"nonce": "%s", ' % uuid.uuid4().hex.encode(), 1)
-    answer = bridge.post(raw)
-    assert answer.status == 200, answer
-    assert answer.json() == {"ok": True}
-    notify_type = json.loads(raw)["notifyType"]
-    topic = "esim/event/INVALID" if case in INVALID else f"esim/event/{notify_type}"
-    assert watcher.wait_for(topic, raw) == raw
-    events = [t for t, p in published(watcher, quiet=0.2) if t.startswith("esim/event/")]
-    assert events == [topic]
+    with survives(bridge):
+        body = ODD[case]
+        if isinstance(body, dict):
+            body = {**body, "notifyId": body.get("notifyId", uuid.uuid4().hex)}
+            raw = json.dumps(body, ensure_ascii=False).encode()
+        else:
+            raw = body.replace(b"{", b'{"nonce": "%s", ' % uuid.uuid4().hex.encode(), 1)
+        answer = bridge.post(raw)
+        assert answer.status == 200, answer
+        assert answer.json() == {"ok": True}
+        notify_type = json.loads(raw)["notifyType"]
+        topic = "esim/event/INVALID" if case in INVALID else f"esim/event/{notify_type}"
+        assert watcher.wait_for(topic, raw) == raw
+        events = [t for t, p in published(bridge, watcher) if t.startswith("esim/event/")]
+        assert events == [topic]
 
 
 # -- over the limit: 413 ---------------------------------------------------------------------
 
 
 def test_a_body_at_the_limit_is_accepted(bridge: BridgeProcess, watcher: Watcher) -> None:
-    body = webhook("at-the-limit", LIMIT)
-    status, answer, _ = exchange(bridge, head(bridge, LIMIT) + body, False)
-    assert (status, json.loads(answer)) == (200, {"ok": True})
-    chunked_body = webhook("at-the-limit-chunked", LIMIT)
-    status, _, _ = exchange(bridge, head(bridge, None) + chunked(chunked_body), False)
-    assert status == 200
-    watcher.wait_for("esim/event/ESIM_STATUS", chunked_body)
+    with survives(bridge):
+        body = webhook("at-the-limit", LIMIT)
+        status, answer, _ = exchange(bridge, head(bridge, LIMIT) + body, False)
+        assert (status, json.loads(answer)) == (200, {"ok": True})
+        chunked_body = webhook("at-the-limit-chunked", LIMIT)
+        status, _, _ = exchange(bridge, head(bridge, None) + chunked(chunked_body), False)
+        assert status == 200
+        watcher.wait_for("esim/event/ESIM_STATUS", chunked_body)
 
 
 @pytest.mark.parametrize(
@@ -272,22 +275,23 @@ def test_a_body_at_the_limit_is_accepted(bridge: BridgeProcess, watcher: Watcher
 def test_over_the_limit_is_413_and_changes_nothing(
     framing: str, bridge: BridgeProcess, watcher: Watcher
 ) -> None:
-    body = webhook(f"too-big-{framing}", LIMIT + 1)
-    requests = {
-        "content-length": head(bridge, len(body)) + body,
-        # no Content-Length: the limit must hold while the chunks arrive
-        "chunked": head(bridge, None) + chunked(body, 700),
-        "content-length-without-body": head(bridge, 10**12),
-        "huge-chunk": head(bridge, None) + b"%x\r\n" % 10**12 + body,
-    }
-    results: list[tuple[int, bytes, bool]] = []
-    assert_changes_nothing(
-        bridge, watcher, lambda: results.append(exchange(bridge, requests[framing]))
-    )
-    status, answer, closed = results[0]
-    assert status == 413
-    assert json.loads(answer)["ok"] is False
-    assert closed, "the rest of an oversized body must not be read: the connection is closed"
+    with survives(bridge):
+        body = webhook(f"too-big-{framing}", LIMIT + 1)
+        requests = {
+            "content-length": head(bridge, len(body)) + body,
+            # no Content-Length: the limit must hold while the chunks arrive
+            "chunked": head(bridge, None) + chunked(body, 700),
+            "content-length-without-body": head(bridge, 10**12),
+            "huge-chunk": head(bridge, None) + b"%x\r\n" % 10**12 + body,
+        }
+        results: list[tuple[int, bytes, bool]] = []
+        assert_changes_nothing(
+            bridge, watcher, lambda: results.append(exchange(bridge, requests[framing]))
+        )
+        status, answer, closed = results[0]
+        assert status == 413
+        assert json.loads(answer)["ok"] is False
+        assert closed, "the rest of an oversized body must not be read: the connection is closed"
 
 
 # -- slow and unfinished uploads ---------------------------------------------------------------
@@ -330,53 +334,55 @@ class SlowClient(threading.Thread):
 def test_a_slow_upload_is_cut_off_with_408_and_others_are_served_meanwhile(
     framing: str, bridge: BridgeProcess, watcher: Watcher
 ) -> None:
-    slow_body = webhook(f"slow-loris-{framing}")
-    if framing == "chunked":
-        slow = SlowClient(bridge, head(bridge, None), chunked(slow_body, 10))
-    else:
-        slow = SlowClient(bridge, head(bridge, len(slow_body)), slow_body)
-    slow.start()
-    served: list[bytes] = []
-    while slow.is_alive() and len(served) < 50:
-        body = webhook(f"meanwhile-{framing}-{len(served)}")
-        answer = bridge.post(body, timeout=5)
-        assert answer.status == 200, answer
-        served.append(body)
-        time.sleep(0.2)
-    slow.join(30)
-    assert not slow.is_alive()
-    assert slow.error is None, slow.error
-    assert slow.status == 408
-    assert slow.sent < len(slow.body), "the server waited for the whole slow body"
-    assert slow.answered_after is not None and slow.answered_after >= BODY_TIMEOUT - 0.1
-    assert slow.closed, "a cut-off upload must lose its connection"
-    assert len(served) >= 2  # webhooks went through while the slow one was uploading
-    for body in served:
-        watcher.wait_for("esim/event/ESIM_STATUS", body)
-    events = [p for t, p in published(watcher) if t == "esim/event/ESIM_STATUS"]
-    assert slow_body not in events and len(events) == len(served)
+    with survives(bridge):
+        slow_body = webhook(f"slow-loris-{framing}")
+        if framing == "chunked":
+            slow = SlowClient(bridge, head(bridge, None), chunked(slow_body, 10))
+        else:
+            slow = SlowClient(bridge, head(bridge, len(slow_body)), slow_body)
+        slow.start()
+        served: list[bytes] = []
+        while slow.is_alive() and len(served) < 50:
+            body = webhook(f"meanwhile-{framing}-{len(served)}")
+            answer = bridge.post(body, timeout=5)
+            assert answer.status == 200, answer
+            served.append(body)
+            time.sleep(0.2)
+        slow.join(30)
+        assert not slow.is_alive()
+        assert slow.error is None, slow.error
+        assert slow.status == 408
+        assert slow.sent < len(slow.body), "the server waited for the whole slow body"
+        assert slow.answered_after is not None and slow.answered_after >= BODY_TIMEOUT - 0.1
+        assert slow.closed, "a cut-off upload must lose its connection"
+        assert len(served) >= 2  # webhooks went through while the slow one was uploading
+        for body in served:
+            watcher.wait_for("esim/event/ESIM_STATUS", body)
+        events = [p for t, p in published(bridge, watcher) if t == "esim/event/ESIM_STATUS"]
+        assert slow_body not in events and len(events) == len(served)
 
 
 def test_unfinished_headers_do_not_stall_others(bridge: BridgeProcess, watcher: Watcher) -> None:
-    partial = [
-        b"POST /webh",
-        b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le",
-        b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n",
-        b"GET /healthz HTTP/1.1\r\n",
-    ]
-    stalled = [socket.create_connection(("127.0.0.1", bridge.port)) for _ in range(40)]
-    try:
-        for index, sock in enumerate(stalled):
-            sock.sendall(partial[index % len(partial)])
-        bodies = [webhook(f"beside-stalled-{i}") for i in range(5)]
-        for body in bodies:
-            assert bridge.post(body, timeout=5).status == 200
-        for body in bodies:
-            watcher.wait_for("esim/event/ESIM_STATUS", body)
-        assert bridge.get("/healthz").status == 200
-    finally:
-        for sock in stalled:
-            sock.close()
+    with survives(bridge):
+        partial = [
+            b"POST /webh",
+            b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le",
+            b"POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n",
+            b"GET /healthz HTTP/1.1\r\n",
+        ]
+        stalled = [socket.create_connection(("127.0.0.1", bridge.port)) for _ in range(40)]
+        try:
+            for index, sock in enumerate(stalled):
+                sock.sendall(partial[index % len(partial)])
+            bodies = [webhook(f"beside-stalled-{i}") for i in range(5)]
+            for body in bodies:
+                assert bridge.post(body, timeout=5).status == 200
+            for body in bodies:
+                watcher.wait_for("esim/event/ESIM_STATUS", body)
+            assert bridge.get("/healthz").status == 200
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 def test_a_huge_head_is_refused_with_431_and_others_are_served_meanwhile(
@@ -385,48 +391,45 @@ def test_a_huge_head_is_refused_with_431_and_others_are_served_meanwhile(
     """uvicorn's httptools protocol sets no bound on a request's head: one header line of
     128 MB held the event loop for 14 s. Over 256 KB, the bridge answers 431 and hangs up;
     webhooks sent back to back in one write are still webhooks."""
-    start = f"POST {bridge.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode()
-    for pieces in (128, 1):  # a header line fed slowly, and one a little over, all at once
+    with survives(bridge):
+        start = f"POST {bridge.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode()
+        for pieces in (128, 1):  # a header line fed slowly, and one a little over, all at once
+            with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
+                sock.sendall(start)
+                line = b"a" * (2 * 1024 * 1024 if pieces > 1 else 257 * 1024) + b"\r\n\r\n"
+                part = -(-len(line) // pieces)
+                try:
+                    for i in range(pieces):
+                        sock.sendall(line[i * part:(i + 1) * part])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # refused already, as it should be
+                status, body = read_response(sock)
+                assert status == 431 and b"256 KB" in body
+                assert closed_by_server(sock)
+        assert bridge.get("/healthz").status == 200
+        # requests that end within one write do not count toward the next one's head
+        bodies = [webhook(f"pipelined-after-431-{i}", size=LIMIT) for i in range(3)]
         with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
-            sock.sendall(start)
-            line = b"a" * (2 * 1024 * 1024 if pieces > 1 else 257 * 1024) + b"\r\n\r\n"
-            part = -(-len(line) // pieces)
-            try:
-                for i in range(pieces):
-                    sock.sendall(line[i * part:(i + 1) * part])
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # refused already, as it should be
-            status, body = read_response(sock)
-            assert status == 431 and b"256 KB" in body
-            assert closed_by_server(sock)
-    assert bridge.get("/healthz").status == 200
-    # requests that end within one write do not count toward the next one's head
-    bodies = [webhook(f"pipelined-after-431-{i}", size=LIMIT) for i in range(3)]
-    with socket.create_connection(("127.0.0.1", bridge.port), timeout=15) as sock:
-        sock.sendall(b"".join(head(bridge, LIMIT) + body for body in bodies))
-        assert [read_response(sock)[0] for _ in bodies] == [200, 200, 200]
-    for body in bodies:
-        watcher.wait_for("esim/event/ESIM_STATUS", body)
-    assert "its head is over" in bridge.log()
+            sock.sendall(b"".join(head(bridge, LIMIT) + body for body in bodies))
+            assert [read_response(sock)[0] for _ in bodies] == [200, 200, 200]
+        for body in bodies:
+            watcher.wait_for("esim/event/ESIM_STATUS", body)
+        assert "its head is over" in bridge.log()
 
 
 def test_a_client_that_disconnects_mid_body_changes_nothing(
     bridge: BridgeProcess, watcher: Watcher
 ) -> None:
-    body = webhook("hung-up")
+    with survives(bridge):
+        body = webhook("hung-up")
 
-    def hang_up() -> None:
-        for reset in (False, True):
-            sock = socket.create_connection(("127.0.0.1", bridge.port))
-            sock.sendall(head(bridge, len(body)) + body[: len(body) // 2])
-            time.sleep(0.2)
-            if reset:  # RST instead of FIN
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        time.sleep(0.3)
+        def hang_up() -> None:
+            for reset in (False, True):
+                sock = socket.create_connection(("127.0.0.1", bridge.port))
+                sock.sendall(head(bridge, len(body)) + body[: len(body) // 2])
+                time.sleep(0.2)
+                if reset:  # RST instead of FIN
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
 
-    assert_changes_nothing(bridge, watcher, hang_up)
-
-
-def test_the_bridge_survived_all_of_it(bridge: BridgeProcess) -> None:
-    assert_survived(bridge)
+        assert_changes_nothing(bridge, watcher, hang_up)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.app import INFO_EVERY
 from bridge.topics import RESERVED
 from tests.brokers import Mosquitto
-from tests.processes import BridgeProcess, Watcher, fixture, retained
+from tests.processes import BridgeProcess, Watcher, fixture, post_sentinel, retained
 
 IGNORED = ("esim/bridge/info",)
 
@@ -32,9 +32,11 @@ def bridge(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[BridgeProcess]:
         process.stop()
 
 
-def _published(watcher: Watcher) -> list[tuple[str, bytes, bool]]:
-    watcher.settle(quiet=0.7)
-    return [m for m in watcher.messages
+def _published(bridge: BridgeProcess, watcher: Watcher) -> list[tuple[str, bytes, bool]]:
+    """All that `bridge` published since the watcher was cleared (a sentinel behind it
+    has come), housekeeping aside."""
+    end = post_sentinel(bridge, watcher)
+    return [m for m in watcher.messages[:end]
             if not m[0].startswith(IGNORED) and m[0] != "esim/bridge/state"]
 
 
@@ -47,7 +49,7 @@ def test_data_usage_gives_exactly_the_contract_topics(
         watcher.messages.clear()
         answer = bridge.post(body)
         assert (answer.status, answer.json()) == (200, {"ok": True})
-        got = {topic: (payload, retain) for topic, payload, retain in _published(watcher)}
+        got = {topic: (payload, retain) for topic, payload, retain in _published(bridge, watcher)}
     iccid = "8943108170001029631"
     assert got == {
         f"esim/{iccid}/data_total": (b"53687091200", True),
@@ -138,7 +140,7 @@ def test_each_fixture_gives_its_topics(
         watcher.settle()
         watcher.messages.clear()
         assert bridge.post(body).status == 200
-        published = _published(watcher)
+        published = _published(bridge, watcher)
     retained_topics = {t: p for t, p, r in published if r}
     events = {t: p for t, p, r in published if not r}
     assert set(retained_topics) == set(EXPECTED[name])
@@ -224,7 +226,7 @@ def test_duplicate_is_answered_and_published_once(
     with Watcher(mosquitto.port, ["esim/event/#"]) as watcher:
         first = bridge.post(body)
         again = bridge.post(body)
-        watcher.settle(quiet=0.7)
+        post_sentinel(bridge, watcher)
         assert first.json() == {"ok": True}
         assert again.json() == {"ok": True, "duplicate": True}
         assert len(watcher.payloads("esim/event/SMDP_EVENT")) == 1
@@ -269,8 +271,7 @@ def test_older_event_does_not_overwrite_newer_state(
         assert bridge.post(json.dumps(newer).encode()).status == 200
         watcher.wait_for(f"esim/{iccid}/status", b"IN_USE")
         assert bridge.post(fixture("smdp_event")).status == 200  # 13:28, GOT_RESOURCE/DOWNLOAD
-        watcher.wait_for("esim/event/SMDP_EVENT", fixture("smdp_event"))
-        watcher.settle()
+        post_sentinel(bridge, watcher)
         assert watcher.payloads(f"esim/{iccid}/status") == [b"IN_USE"]
         assert watcher.payloads(f"esim/{iccid}/smdp_status") == [b"ENABLED"]
         assert len(watcher.payloads(f"esim/{iccid}/event")) == 2  # stale events still flow
@@ -289,9 +290,9 @@ def test_unknown_type_and_misshapen_content_are_published_raw(
         assert bridge.post(misshapen).json() == {"ok": True}
         watcher.wait_for("esim/event/NEW_THING", unknown)
         watcher.wait_for("esim/event/DATA_USAGE", misshapen)
-        watcher.settle()
+        metrics = bridge.get("/metrics").body.decode()  # before the sentinel's warning
+        post_sentinel(bridge, watcher)
         assert not [t for t, _, _ in watcher.messages if t.startswith("esim/8943")]
-    metrics = bridge.get("/metrics").body.decode()
     assert "esim_bridge_warnings_total 2.0" in metrics
 
 
@@ -342,7 +343,7 @@ def test_bad_topic_segment_goes_to_invalid(
         watcher.settle()
         watcher.messages.clear()
         assert bridge.post(raw).json() == {"ok": True}
-        published = _published(watcher)
+        published = _published(bridge, watcher)
     assert [(t, p) for t, p, _ in published] == [("esim/event/INVALID", raw)]
     warned = [line for line in bridge.log().splitlines() if "cannot be a topic segment" in line]
     assert warned and "WARNING" in warned[-1], bridge.log()[-2000:]
@@ -367,8 +368,8 @@ def test_an_iccid_naming_a_level_of_the_bridges_own_goes_to_invalid(
                 body["content"]["iccid"] = level
                 raws.append(json.dumps(body).encode())
                 assert bridge.post(raws[-1]).json() == {"ok": True}
-            watcher.settle(quiet=0.7)
-            got = [(t, p) for t, p, _ in watcher.messages if t != "esim/bridge/info"]
+            end = post_sentinel(bridge, watcher)
+            got = [(t, p) for t, p, _ in watcher.messages[:end] if t != "esim/bridge/info"]
         assert got == [("esim/event/INVALID", raw) for raw in raws]
         view = retained(mosquitto.port)
         assert view["esim/bridge/state"] == b"online"
@@ -400,8 +401,8 @@ def test_bad_bodies_get_400_naming_the_problem(
         assert answer.status == 400
         assert answer.json()["ok"] is False
         assert fragment in answer.json()["error"]
-        watcher.settle(quiet=0.3)
-        assert [t for t, _, _ in watcher.messages if t.startswith("esim/event")] == []
+        end = post_sentinel(bridge, watcher)
+        assert [t for t, _, _ in watcher.messages[:end] if t.startswith("esim/event")] == []
 
 
 def test_health_ready_metrics_schema(bridge: BridgeProcess) -> None:

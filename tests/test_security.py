@@ -29,10 +29,12 @@ from tests.processes import (
     Watcher,
     assert_changes_nothing,
     fixture,
+    post_sentinel,
     write_config,
 )
 
 TOKEN = "Tk-9fQ2mZ7xW4vLr"
+SENTINEL_SOURCE = "127.0.0.2"  # what private_bridge allows besides 10/8
 WRONG = ("Tk-9fQ2mZ7xW4vL", "Tk-9fQ2mZ7xW4vLrX", "tk-9fq2mz7xw4vlr", "nope-Bq81")
 
 
@@ -199,6 +201,7 @@ def token_bridge(
     tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto
 ) -> Iterator[BridgeProcess]:
     process = _bridge(tmp_path_factory, broker, {"token": TOKEN}).start()
+    process.sentinel_headers = {"X-Webhook-Token": TOKEN}
     try:
         yield process
     finally:
@@ -209,8 +212,11 @@ def token_bridge(
 def private_bridge(
     tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto
 ) -> Iterator[BridgeProcess]:
-    """Allows only 10.0.0.0/8, and trusts no proxy: a loopback sender is refused."""
-    process = _bridge(tmp_path_factory, broker, {"allowed_ips": ["10.0.0.0/8"]}).start()
+    """Allows only 10.0.0.0/8, and trusts no proxy: a sender on 127.0.0.1 is refused.
+    (127.0.0.2 is allowed too, for the tests' sentinel webhook only.)"""
+    http = {"allowed_ips": ["10.0.0.0/8", f"{SENTINEL_SOURCE}/32"]}
+    process = _bridge(tmp_path_factory, broker, http).start()
+    process.sentinel_source = SENTINEL_SOURCE
     try:
         yield process
     finally:
@@ -224,6 +230,7 @@ def proxied_bridge(
     """Behind a reverse proxy on 127.0.0.1 that appends to X-Forwarded-For."""
     http = {"allowed_ips": ["10.0.0.0/8", "2001:db8::/32"], "trusted_proxies": ["127.0.0.1/32"]}
     process = _bridge(tmp_path_factory, broker, http).start()
+    process.sentinel_headers = {"X-Forwarded-For": "10.9.9.9"}
     try:
         yield process
     finally:
@@ -318,7 +325,7 @@ def test_no_token_ever_reaches_the_log_or_the_broker(
             assert post(token_bridge, path, b"not json", headers) == 400
             raw = b'{"notifyType": "NEW", "n": "%s"}' % uuid.uuid4().hex.encode()
             assert post(token_bridge, path, raw, headers) == 200
-        everything.settle(quiet=0.5)
+        post_sentinel(token_bridge, everything)  # all the above published has come
         payloads = b"".join(t.encode() + p for t, p, _ in everything.messages)
     log = token_bridge.log()
     assert "missing or wrong token" in log and "accepted raw" in log  # the log was written
