@@ -1,6 +1,9 @@
 """One round of one system: start it, load it, watch MQTT, stop it.
 
 The phases, each with its own notifyId tag:
+0. the fleet: one webhook for each of its eSIMs, awaited on MQTT, so that no
+   measured phase pays for an eSIM's first sight (the bridge's Home Assistant
+   discovery config), which a real fleet pays once;
 1. warm-up (closed loop, not counted): imports, JITs and caches settle;
 2. closed loop at N connections: acknowledged webhooks/s, CPU of both sides;
 3. drain: time from the end of that load until the subscriber has seen every
@@ -110,6 +113,7 @@ def measure_webhook_system(
             client_id = f"bench-sub-{spec.key}-{round_no}"
             sub = Subscriber(mqtt_port, spec.topic_filter, client_id).start()
         with RssSampler(proc.pid) as rss:
+            _warm_fleet(result, sub, plan, port, workdir)
             run_load(port, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
             _closed_phase(result, proc, sub, plan, port, workdir)
             _open_phase(result, sub, plan, port, workdir)
@@ -126,6 +130,23 @@ def measure_webhook_system(
     if result.error:
         result.notes.append(f"log tail of {spec.key}:\n{proc.tail()}")
     return result
+
+
+def _warm_fleet(
+    result: RoundResult, sub: Subscriber | None, plan: Plan, port: int, workdir: Path
+) -> None:
+    """One webhook per eSIM of the fleet (seqs 0..iccids-1 are its iccids, each once),
+    all acknowledged and, where there is a subscriber, all out on MQTT."""
+    tag = new_tag()
+    if sub is not None:
+        sub.track(tag)
+    load = run_load(port, plan, workdir, tag, mode="closed", duration=plan.ready_timeout,
+                    count=plan.iccids)
+    if load.ok < plan.iccids:
+        raise RuntimeError(f"fleet warm-up: {load.ok} of {plan.iccids} eSIMs acknowledged "
+                           f"({load.first_error or 'no answer'})")
+    if sub is not None:
+        result.lost = len(sub.wait_all(tag, load.seqs, plan.drain_timeout))
 
 
 def _closed_phase(
@@ -151,7 +172,7 @@ def _closed_phase(
     missing = sub.wait_all(tag, load.seqs, plan.drain_timeout)
     arrivals = [seen[s] for s in load.seqs if s in seen]
     result.delivered = len(arrivals)
-    result.lost = len(missing)
+    result.lost = (result.lost or 0) + len(missing)
     result.drain_timed_out = bool(missing)
     if arrivals:
         result.drain_s = max(0.0, max(arrivals) - load.ended)

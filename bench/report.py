@@ -176,8 +176,9 @@ def render(
         f"at {plan.connections} keep-alive connections for {plan.duration:g} s after a "
         f"{plan.warmup:g} s warm-up; open loop {rate} for {plan.open_duration:g} s; "
         f"{plan.rounds} interleaved round(s), medians. Each system is a fresh process on one "
-        "Mosquitto. Only the ratios mean anything: absolute numbers move with the machine "
-        "and its neighbours.",
+        "Mosquitto and has seen every eSIM of the fleet once before anything is measured. "
+        "Only the ratios mean anything: absolute numbers move with the machine and its "
+        "neighbours.",
         "",
         f"| system | webhooks/s acked | vs bare | vs Node-RED | ACK p50/p99 ms {rate} "
         f"| e2e p50/p99 ms {rate} | drain s | peak RSS / PSS MB | lost |",
