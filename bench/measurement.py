@@ -11,7 +11,9 @@ The phases, each with its own notifyId tag:
    builds a backlog, and this is where it shows);
 4. open loop at a fixed rate over the fleet: ACK latency and webhook-to-subscriber
    latency, both counted from when the request was due, with the disk's fsync
-   p99 probed over the same seconds.
+   p99 probed over the same seconds;
+5. for systems that do work on an eSIM's first sight (the bridge), the same
+   open loop with a never-seen iccid in every webhook.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class RoundResult:
     http_errors: int = 0
     first_error: str = ""
     warm: Latency = field(default_factory=Latency)  # over the fleet, every eSIM known
+    never_seen: Latency | None = None  # a new eSIM in every webhook
     drain_s: float | None = None
     drain_timed_out: bool = False
     delivered: int | None = None
@@ -127,6 +130,8 @@ def measure_webhook_system(
             run_load(port, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
             _closed_phase(result, proc, sub, plan, port, workdir)
             result.warm = _open_phase(result, sub, plan, port, workdir, plan.iccids)
+            if spec.first_seen:
+                result.never_seen = _open_phase(result, sub, plan, port, workdir, 0)
         result.peak_rss = rss.peak
         result.peak_pss = rss.peak_pss
         if not proc.alive():

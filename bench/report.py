@@ -36,6 +36,7 @@ class Summary:
     rounds: list[RoundResult]
     rate: float | None = None
     warm: Latency = field(default_factory=Latency)
+    never_seen: Latency | None = None
     drain: float | None = None
     drain_timed_out: bool = False
     delivered_rate: float | None = None
@@ -57,6 +58,8 @@ def summarize(spec: SystemSpec, rounds: list[RoundResult]) -> Summary:
     s.errors = [f"round {r.round}: {r.error}" for r in rounds if r.error]
     s.rate = median([r.rate for r in ok])
     s.warm = _median_latency([r.warm for r in ok])
+    never_seen = [r.never_seen for r in ok if r.never_seen is not None]
+    s.never_seen = _median_latency(never_seen) if never_seen else None
     s.drain = median([r.drain_s for r in ok])
     s.drain_timed_out = any(r.drain_timed_out for r in ok)
     s.delivered_rate = median([r.delivered_rate for r in ok])
@@ -95,6 +98,12 @@ def _ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
         return "—"
     return f"{value / base:.2f}x"
+
+
+def _pair_vs(a: float | None, b: float | None, base: float | None) -> str:
+    """p50 / p99, and the p99 against `base` (the same system's warm-fleet p99)."""
+    ratio = _ratio(b, base)
+    return _pair(a, b) + ("" if ratio == "—" else f" ({ratio})")
 
 
 def machine() -> str:
@@ -152,7 +161,9 @@ def render(
         "",
         "Disk fsync p99: 13 KB appended and fsynced every "
         f"{BESIDE_INTERVAL * 1000:g} ms by a probe during that row's latency phase; an ACK "
-        "tail the disk had too is the disk's.",
+        "tail the disk had too is the disk's. Never-seen eSIMs: the latency phase again, "
+        "a new iccid in every webhook (for the bridge, a Home Assistant discovery config "
+        "each); in brackets its p99 against the warm fleet's just above.",
         "",
         f"| system | webhooks/s acked | vs bare | vs Node-RED | ACK p50/p99 ms {rate} "
         f"| disk fsync p99 ms | e2e p50/p99 ms {rate} | drain s | peak RSS / PSS MB | lost |",
@@ -170,7 +181,7 @@ def render(
         drain = _num(s.drain, 2)
         if s.drain_timed_out:
             drain = f"> {plan.drain_timeout:g} (timed out)"
-        warm = s.warm
+        warm, new = s.warm, s.never_seen
         lines.append(
             f"| {s.spec.label} | {acked} "
             f"| {_ratio(s.rate, bare_rate) if webhook else '—'} "
@@ -181,6 +192,13 @@ def render(
             f"| {_num(s.peak_rss / 1e6 if s.peak_rss else None, 1)} / "
             f"{_num(s.peak_pss / 1e6 if s.peak_pss else None, 1)} | {lost} |"
         )
+        if new is not None:
+            lines.append(
+                f"| ↳ never-seen eSIMs {rate} | | | "
+                f"| {_pair_vs(new.ack_p50, new.ack_p99, warm.ack_p99)} "
+                f"| {_num(new.disk_p99, 1)} "
+                f"| {_pair_vs(new.e2e_p50, new.e2e_p99, warm.e2e_p99)} | | | |"
+            )
     for key, reason in skipped.items():
         lines.append(f"| {key} | skipped: {reason} | | | | | | | | |")
     lines += ["", *_targets(plan, by_key, bare_rate, red_rate), "", *_diagnostics(summaries)]
