@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from bench.disk import probe
 from bench.measurement import RoundResult, measure_publisher, measure_webhook_system
 from bench.plan import FULL, QUICK, Plan
-from bench.report import disk, machine, render, summarize
+from bench.report import machine, render, summarize
 from bench.scale import run_scale
 from bench.system import ROOT, SystemSpec, all_systems
 from tests.brokers import Mosquitto
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     with tempfile.TemporaryDirectory(prefix="esim-bench-") as tmp:
         workdir = Path(tmp)
-        disk_line = disk(workdir, plan.open_duration)
+        disk_line = probe(workdir, plan.open_duration)
         print(f"disk: {disk_line}", flush=True)
         machine_line += f"; disk: {disk_line}"
         broker = Mosquitto(workdir / "mosquitto").start()

@@ -273,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=0, help="closed mode: stop after N requests")
     parser.add_argument("--rate", type=float, default=500.0, help="open mode: requests/s")
     parser.add_argument("--tag", type=lambda s: int(s, 0), required=True)
-    parser.add_argument("--iccids", type=int, default=100)
+    parser.add_argument("--iccids", type=int, default=100, help="0: a new one every request")
     parser.add_argument("--out", type=Path, required=True)
     return parser
 

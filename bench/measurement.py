@@ -1,13 +1,19 @@
 """One round of one system: start it, load it, watch MQTT, stop it.
 
 The phases, each with its own notifyId tag:
+0. the fleet: one webhook for each of its eSIMs, awaited on MQTT, so that no
+   measured phase pays for an eSIM's first sight (the bridge's Home Assistant
+   discovery config), which a real fleet pays once;
 1. warm-up (closed loop, not counted): imports, JITs and caches settle;
 2. closed loop at N connections: acknowledged webhooks/s, CPU of both sides;
 3. drain: time from the end of that load until the subscriber has seen every
    acknowledged webhook (a system that acknowledges faster than it publishes
    builds a backlog, and this is where it shows);
-4. open loop at a fixed rate: ACK latency and webhook-to-subscriber latency,
-   both counted from when the request was due.
+4. open loop at a fixed rate over the fleet: ACK latency and webhook-to-subscriber
+   latency, both counted from when the request was due, with the disk's fsync
+   p99 probed over the same seconds;
+5. for systems that do work on an eSIM's first sight (the bridge), the same
+   open loop with a never-seen iccid in every webhook.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.disk import DuringLoad
 from bench.loadgen import LoadResult
 from bench.plan import Plan
 from bench.process_tree import RssSampler, cpu_seconds
@@ -39,6 +46,18 @@ def new_tag() -> int:
 
 
 @dataclass
+class Latency:
+    """One open-loop phase at the plan's rate, in ms; `disk_p99` is the fsync probe's
+    p99 over the same seconds."""
+
+    ack_p50: float | None = None
+    ack_p99: float | None = None
+    e2e_p50: float | None = None
+    e2e_p99: float | None = None
+    disk_p99: float | None = None
+
+
+@dataclass
 class RoundResult:
     key: str
     round: int
@@ -47,11 +66,8 @@ class RoundResult:
     rate: float | None = None  # acknowledged webhooks/s (paho: acked messages/s)
     http_errors: int = 0
     first_error: str = ""
-    ack_p50_ms: float | None = None
-    ack_p99_ms: float | None = None
-    e2e_p50_ms: float | None = None
-    e2e_p99_ms: float | None = None
-    open_rate: float | None = None
+    warm: Latency = field(default_factory=Latency)  # over the fleet, every eSIM known
+    never_seen: Latency | None = None  # a new eSIM in every webhook
     drain_s: float | None = None
     drain_timed_out: bool = False
     delivered: int | None = None
@@ -110,9 +126,12 @@ def measure_webhook_system(
             client_id = f"bench-sub-{spec.key}-{round_no}"
             sub = Subscriber(mqtt_port, spec.topic_filter, client_id).start()
         with RssSampler(proc.pid) as rss:
+            _warm_fleet(result, sub, plan, port, workdir)
             run_load(port, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
             _closed_phase(result, proc, sub, plan, port, workdir)
-            _open_phase(result, sub, plan, port, workdir)
+            result.warm = _open_phase(result, sub, plan, port, workdir, plan.iccids)
+            if spec.first_seen:
+                result.never_seen = _open_phase(result, sub, plan, port, workdir, 0)
         result.peak_rss = rss.peak
         result.peak_pss = rss.peak_pss
         if not proc.alive():
@@ -126,6 +145,23 @@ def measure_webhook_system(
     if result.error:
         result.notes.append(f"log tail of {spec.key}:\n{proc.tail()}")
     return result
+
+
+def _warm_fleet(
+    result: RoundResult, sub: Subscriber | None, plan: Plan, port: int, workdir: Path
+) -> None:
+    """One webhook per eSIM of the fleet (seqs 0..iccids-1 are its iccids, each once),
+    all acknowledged and, where there is a subscriber, all out on MQTT."""
+    tag = new_tag()
+    if sub is not None:
+        sub.track(tag)
+    load = run_load(port, plan, workdir, tag, mode="closed", duration=plan.ready_timeout,
+                    count=plan.iccids)
+    if load.ok < plan.iccids:
+        raise RuntimeError(f"fleet warm-up: {load.ok} of {plan.iccids} eSIMs acknowledged "
+                           f"({load.first_error or 'no answer'})")
+    if sub is not None:
+        result.lost = len(sub.wait_all(tag, load.seqs, plan.drain_timeout))
 
 
 def _closed_phase(
@@ -151,7 +187,7 @@ def _closed_phase(
     missing = sub.wait_all(tag, load.seqs, plan.drain_timeout)
     arrivals = [seen[s] for s in load.seqs if s in seen]
     result.delivered = len(arrivals)
-    result.lost = len(missing)
+    result.lost = (result.lost or 0) + len(missing)
     result.drain_timed_out = bool(missing)
     if arrivals:
         result.drain_s = max(0.0, max(arrivals) - load.ended)
@@ -159,29 +195,39 @@ def _closed_phase(
 
 
 def _open_phase(
-    result: RoundResult, sub: Subscriber | None, plan: Plan, port: int, workdir: Path
-) -> None:
+    result: RoundResult,
+    sub: Subscriber | None,
+    plan: Plan,
+    port: int,
+    workdir: Path,
+    iccids: int,
+) -> Latency:
+    """The open loop at `plan.rate` over `iccids` eSIMs (0: a new one every webhook)."""
     tag = new_tag()
     seen = sub.track(tag) if sub is not None else {}
-    load = run_load(
-        port, plan, workdir, tag, mode="open", duration=plan.open_duration, rate=plan.rate
-    )
+    with DuringLoad(workdir) as disk:
+        load = run_load(port, plan, workdir, tag, mode="open", duration=plan.open_duration,
+                        rate=plan.rate, iccids=iccids)
     result.http_errors += load.errors + load.unanswered
     result.first_error = result.first_error or load.first_error
-    result.open_rate = load.ok / load.duration
     acks = [a - d for a, d in zip(load.acked, load.due, strict=True)]
-    result.ack_p50_ms = _ms(percentile(acks, 50))
-    result.ack_p99_ms = _ms(percentile(acks, 99))
+    last = max(load.acked, default=load.ended)
+    latency = Latency(
+        ack_p50=_ms(percentile(acks, 50)),
+        ack_p99=_ms(percentile(acks, 99)),
+        disk_p99=disk.p99(load.started, last),
+    )
     if sub is None:
-        return
+        return latency
     missing = sub.wait_all(tag, load.seqs, min(plan.drain_timeout, 30.0))
     due = dict(zip(load.seqs, load.due, strict=True))
     e2e = [seen[s] - due[s] for s in load.seqs if s in seen]
-    result.e2e_p50_ms = _ms(percentile(e2e, 50))
-    result.e2e_p99_ms = _ms(percentile(e2e, 99))
+    latency.e2e_p50 = _ms(percentile(e2e, 50))
+    latency.e2e_p99 = _ms(percentile(e2e, 99))
     result.delivered = (result.delivered or 0) + len(e2e)
     result.lost = (result.lost or 0) + len(missing)
     result.duplicates = sub.duplicates
+    return latency
 
 
 def measure_publisher(

@@ -8,6 +8,7 @@ never as an exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -15,9 +16,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from bench.measurement import RoundResult
+from bench.disk import BESIDE_INTERVAL
+from bench.measurement import Latency, RoundResult
 from bench.plan import Plan
 from bench.stats import median
 from bench.system import SystemSpec
@@ -34,10 +35,8 @@ class Summary:
     spec: SystemSpec
     rounds: list[RoundResult]
     rate: float | None = None
-    ack_p50: float | None = None
-    ack_p99: float | None = None
-    e2e_p50: float | None = None
-    e2e_p99: float | None = None
+    warm: Latency = field(default_factory=Latency)
+    never_seen: Latency | None = None
     drain: float | None = None
     drain_timed_out: bool = False
     delivered_rate: float | None = None
@@ -58,10 +57,9 @@ def summarize(spec: SystemSpec, rounds: list[RoundResult]) -> Summary:
     s = Summary(spec, rounds)
     s.errors = [f"round {r.round}: {r.error}" for r in rounds if r.error]
     s.rate = median([r.rate for r in ok])
-    s.ack_p50 = median([r.ack_p50_ms for r in ok])
-    s.ack_p99 = median([r.ack_p99_ms for r in ok])
-    s.e2e_p50 = median([r.e2e_p50_ms for r in ok])
-    s.e2e_p99 = median([r.e2e_p99_ms for r in ok])
+    s.warm = _median_latency([r.warm for r in ok])
+    never_seen = [r.never_seen for r in ok if r.never_seen is not None]
+    s.never_seen = _median_latency(never_seen) if never_seen else None
     s.drain = median([r.drain_s for r in ok])
     s.drain_timed_out = any(r.drain_timed_out for r in ok)
     s.delivered_rate = median([r.delivered_rate for r in ok])
@@ -77,6 +75,11 @@ def summarize(spec: SystemSpec, rounds: list[RoundResult]) -> Summary:
     s.http_errors = sum(r.http_errors for r in rounds)
     s.duplicates = sum(r.duplicates for r in rounds)
     return s
+
+
+def _median_latency(phases: Sequence[Latency]) -> Latency:
+    return Latency(*(median([getattr(p, f.name) for p in phases])
+                     for f in dataclasses.fields(Latency)))
 
 
 def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
@@ -95,6 +98,12 @@ def _ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
         return "—"
     return f"{value / base:.2f}x"
+
+
+def _pair_vs(a: float | None, b: float | None, base: float | None) -> str:
+    """p50 / p99, and the p99 against `base` (the same system's warm-fleet p99)."""
+    ratio = _ratio(b, base)
+    return _pair(a, b) + ("" if ratio == "—" else f" ({ratio})")
 
 
 def machine() -> str:
@@ -124,36 +133,6 @@ def machine() -> str:
     )
 
 
-STALL_MS = 10.0  # an fsync slower than this is a stall: at 500/s, five webhooks wait
-
-
-def disk(directory: Path, seconds: float) -> str:
-    """How this disk answers fsync, which every acknowledgement waits for: 13 KB appended
-    and fsynced every 2 ms (about what one webhook at a time costs the store), for as
-    long as the latency phase lasts. The stalls are counted: a shared VM's disk can be
-    fast for seconds and then hold one fsync for 50 ms, and those few decide the ACK p99
-    at 500/s."""
-    path = directory / "fsync-probe"
-    took: list[float] = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            os.write(fd, b"x" * 13_000)
-            started = time.perf_counter()
-            os.fsync(fd)
-            took.append((time.perf_counter() - started) * 1000)
-            time.sleep(0.002)
-    finally:
-        os.close(fd)
-        path.unlink()
-    took.sort()
-    p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
-    stalls = sum(1 for ms in took if ms > STALL_MS)
-    return (f"fsync of 13 KB every 2 ms for {seconds:.0f} s: p50 {took[len(took) // 2]:.2f} ms, "
-            f"p99 {p99:.2f} ms, max {took[-1]:.1f} ms, {stalls} over {STALL_MS:.0f} ms")
-
-
 def render(
     plan: Plan,
     summaries: Sequence[Summary],
@@ -176,12 +155,19 @@ def render(
         f"at {plan.connections} keep-alive connections for {plan.duration:g} s after a "
         f"{plan.warmup:g} s warm-up; open loop {rate} for {plan.open_duration:g} s; "
         f"{plan.rounds} interleaved round(s), medians. Each system is a fresh process on one "
-        "Mosquitto. Only the ratios mean anything: absolute numbers move with the machine "
-        "and its neighbours.",
+        "Mosquitto and has seen every eSIM of the fleet once before anything is measured. "
+        "Only the ratios mean anything: absolute numbers move with the machine and its "
+        "neighbours.",
+        "",
+        "Disk fsync p99: 13 KB appended and fsynced every "
+        f"{BESIDE_INTERVAL * 1000:g} ms by a probe during that row's latency phase; an ACK "
+        "tail the disk had too is the disk's. Never-seen eSIMs: the latency phase again, "
+        "a new iccid in every webhook (for the bridge, a Home Assistant discovery config "
+        "each); in brackets its p99 against the warm fleet's just above.",
         "",
         f"| system | webhooks/s acked | vs bare | vs Node-RED | ACK p50/p99 ms {rate} "
-        f"| e2e p50/p99 ms {rate} | drain s | peak RSS / PSS MB | lost |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| disk fsync p99 ms | e2e p50/p99 ms {rate} | drain s | peak RSS / PSS MB | lost |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         webhook = s.spec.webhook
@@ -195,17 +181,26 @@ def render(
         drain = _num(s.drain, 2)
         if s.drain_timed_out:
             drain = f"> {plan.drain_timeout:g} (timed out)"
+        warm, new = s.warm, s.never_seen
         lines.append(
             f"| {s.spec.label} | {acked} "
             f"| {_ratio(s.rate, bare_rate) if webhook else '—'} "
             f"| {_ratio(s.rate, red_rate) if webhook else '—'} "
-            f"| {_pair(s.ack_p50, s.ack_p99) if webhook else '—'} "
-            f"| {_pair(s.e2e_p50, s.e2e_p99)} | {drain} "
+            f"| {_pair(warm.ack_p50, warm.ack_p99) if webhook else '—'} "
+            f"| {_num(warm.disk_p99, 1)} "
+            f"| {_pair(warm.e2e_p50, warm.e2e_p99)} | {drain} "
             f"| {_num(s.peak_rss / 1e6 if s.peak_rss else None, 1)} / "
             f"{_num(s.peak_pss / 1e6 if s.peak_pss else None, 1)} | {lost} |"
         )
+        if new is not None:
+            lines.append(
+                f"| ↳ never-seen eSIMs {rate} | | | "
+                f"| {_pair_vs(new.ack_p50, new.ack_p99, warm.ack_p99)} "
+                f"| {_num(new.disk_p99, 1)} "
+                f"| {_pair_vs(new.e2e_p50, new.e2e_p99, warm.e2e_p99)} | | | |"
+            )
     for key, reason in skipped.items():
-        lines.append(f"| {key} | skipped: {reason} | | | | | | | |")
+        lines.append(f"| {key} | skipped: {reason} | | | | | | | | |")
     lines += ["", *_targets(plan, by_key, bare_rate, red_rate), "", *_diagnostics(summaries)]
     if extra:
         lines += ["", *extra]
@@ -230,6 +225,7 @@ def _targets(
     if bridge is None or bridge.rate is None:
         return [*lines, "The bridge did not run, so there is nothing to compare."]
     at = "" if plan.rate == 500 else f" (measured at {plan.rate:.0f}/s)"
+    warm = bridge.warm
     rss_mb = bridge.peak_rss / 1e6 if bridge.peak_rss else None
     pss_mb = bridge.peak_pss / 1e6 if bridge.peak_pss else None
 
@@ -261,8 +257,12 @@ def _targets(
             _num(None if bare_ratio is None else bare_ratio * 100, 0, " %"),
             None if bare_ratio is None else bare_ratio >= 0.9,
         ),
-        row(f"e2e p99 ≤ 10 ms @500/s{at}", _num(bridge.e2e_p99, 1, " ms"), le(bridge.e2e_p99, 10)),
-        row(f"ACK p99 ≤ 5 ms @500/s{at}", _num(bridge.ack_p99, 1, " ms"), le(bridge.ack_p99, 5)),
+        row(f"e2e p99 ≤ 10 ms @500/s{at}", _num(warm.e2e_p99, 1, " ms"), le(warm.e2e_p99, 10)),
+        row(
+            f"ACK p99 ≤ 5 ms @500/s{at}",
+            f"{_num(warm.ack_p99, 1, ' ms')} (disk's fsync p99 {_num(warm.disk_p99, 1, ' ms')})",
+            le(warm.ack_p99, 5),
+        ),
         row("peak RSS ≤ 80 MB (sum over the process tree)", _num(rss_mb, 1, " MB"),
             le(rss_mb, 80)),
         row("peak PSS ≤ 80 MB (shared pages counted once)", _num(pss_mb, 1, " MB"),
@@ -279,13 +279,13 @@ def _targets(
 def _without_fsync(normal: Summary | None, at: str) -> list[str]:
     """The latencies again with `store.synchronous = "normal"`: how much of the tail is
     the disk's fsync rather than the bridge's own work."""
-    if normal is None or normal.ack_p99 is None:
+    if normal is None or normal.warm.ack_p99 is None:
         return []
     return [
         "",
         f'With `store.synchronous = "normal"` (no fsync per acknowledgement, not the '
-        f"default): ACK p99 {_num(normal.ack_p99, 1, ' ms')}, e2e p99 "
-        f"{_num(normal.e2e_p99, 1, ' ms')} @500/s{at}.",
+        f"default): ACK p99 {_num(normal.warm.ack_p99, 1, ' ms')}, e2e p99 "
+        f"{_num(normal.warm.e2e_p99, 1, ' ms')} @500/s{at}.",
     ]
 
 

@@ -39,7 +39,8 @@ class SystemSpec:
 
     `topic_filter` is where its per-webhook event appears (None: publishes
     nothing to correlate); `launch(workdir, mqtt_port)` makes a Launch;
-    `unavailable(quick)` says why it cannot run here, or None.
+    `unavailable(quick)` says why it cannot run here, or None; `first_seen`: it does
+    work on an eSIM's first webhook (a discovery config), timed as a phase of its own.
     """
 
     key: str
@@ -48,6 +49,7 @@ class SystemSpec:
     topic_filter: str | None
     webhook: bool = True
     unavailable: Callable[[bool], str | None] = lambda quick: None
+    first_seen: bool = False
 
 
 def _python(module: str, *args: str) -> list[str]:
@@ -163,6 +165,7 @@ def all_systems(publish_seconds: float) -> list[SystemSpec]:
             bridge_launch,
             "esim/event/#",
             unavailable=_bridge_unavailable,
+            first_seen=True,
         ),
         SystemSpec(
             "bridge-normal",
@@ -170,6 +173,7 @@ def all_systems(publish_seconds: float) -> list[SystemSpec]:
             _bridge_without_fsync,
             "esim/event/#",
             unavailable=_bridge_unavailable,
+            first_seen=True,
         ),
     ]
 

@@ -1,7 +1,8 @@
 """The webhook bodies the load generator sends and the subscriber recognises.
 
 Every body is the DATA_USAGE fixture with a unique `notifyId` (the bridge drops
-duplicates) and an iccid from a fixed pool. The `notifyId` is 32 hex digits:
+duplicates) and an iccid from a fixed pool (the fleet), or, with a pool of 0, an
+iccid no fleet has (an eSIM the bridge has never seen). The `notifyId` is 32 hex digits:
 8 for a tag naming the phase, 24 for a sequence number, so a subscriber can tell
 which request a published message belongs to without any shared state.
 All fields have fixed width, so every request has the same length.
@@ -34,6 +35,7 @@ NOTIFY_ID_KEY = b'"notifyId":"'
 _MARK_ID = "N" * 32
 _MARK_ICCID = "I" * 19
 _MARK_TIME = "T" * 20
+NEVER_SEEN = 50_000_000  # iccid indexes from here on belong to no fleet
 
 
 def iccid(index: int) -> str:
@@ -71,6 +73,7 @@ class BodyFactory:
     """
 
     def __init__(self, tag: int, iccids: int) -> None:
+        """`iccids` is the size of the fleet; 0 gives every request a new eSIM."""
         template = dict(FIXTURE)
         template["notifyId"] = _MARK_ID
         template["eventGenerateTime"] = _MARK_TIME
@@ -80,7 +83,7 @@ class BodyFactory:
         text = msgspec.json.encode(template)
         self._parts = self._split(text)
         self.tag = tag
-        self.iccids = max(1, iccids)
+        self.iccids = iccids
         self.length = len(text)
         self._second = -1
         self._stamp = b""
@@ -111,7 +114,7 @@ class BodyFactory:
                 p[1],
                 notify_id(self.tag, seq).encode(),
                 p[2],
-                iccid(seq % self.iccids).encode(),
+                iccid(seq % self.iccids if self.iccids else NEVER_SEEN + seq).encode(),
                 p[3],
             )
         )
