@@ -184,7 +184,8 @@ class Committer:
         if error is None:
             self.last_error = f"the store cannot write: {exc}"
             error = StoreUnavailable(self.last_error)
-        log.error("%s (%d webhooks answered 503)", error, len(queued))
+        webhooks = sum(isinstance(write, Webhook) for write, _ in queued)
+        log.error("%s (%d webhooks answered 503)", error, webhooks)
         self._settle(queued, [error] * len(queued), loop)
 
     def _settle(
