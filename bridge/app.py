@@ -94,9 +94,9 @@ def discovery_for(config: Config) -> tuple[Discovery | None, list[Message]]:
     return Discovery(discover, inputs), [Message(topic, payload, True)]
 
 
-def _error(status: int, message: str) -> Response[bytes]:
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response[bytes]:
     body = msgspec.json.encode({"ok": False, "error": message})
-    return Response(body, status_code=status, media_type=JSON)
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
 def _hang_up(response: Response[bytes]) -> Response[bytes]:
@@ -107,7 +107,8 @@ def _hang_up(response: Response[bytes]) -> Response[bytes]:
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    response = _error(exc.status_code, exc.detail)
+    # the exception's headers are part of the answer: 405 must say `Allow` (RFC 9110)
+    response = _error(exc.status_code, exc.detail, exc.headers)
     return _hang_up(response) if exc.status_code == 413 else response
 
 
