@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,20 +21,19 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.datastructures import State
-from litestar.exceptions import (
-    HTTPException,
-)
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.openapi import OpenAPIConfig
 
 from bridge import __version__, homeassistant, topics
 from bridge.broker import EmbeddedBroker
 from bridge.config import Config
 from bridge.metrics import CONTENT_TYPE, Metrics
+from bridge.models import Decoded
 from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
-from bridge.store import Discovery, Store
+from bridge.store import Accepted, Discovery, Store, StoreUnavailable
 from bridge.topics import Message, Record
-from bridge.webhook import WebhookRoute, webhook_path_item
+from bridge.webhook import ErrorAnswer, WebhookRoute, error_answer, webhook_path_item
 
 log = logging.getLogger("bridge.webhook")
 
@@ -94,29 +93,34 @@ def discovery_for(config: Config) -> tuple[Discovery | None, list[Message]]:
     return Discovery(discover, inputs), [Message(topic, payload, True)]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response[bytes]:
-    body = msgspec.json.encode({"ok": False, "error": message})
-    return Response(body, status_code=status, media_type=JSON, headers=headers)
-
-
-def _hang_up(response: Response[bytes]) -> Response[bytes]:
-    """Close the connection after answering: the rest of the body is never read, so a
-    slow or oversized upload cannot keep its connection (RFC 9110: 408, 413)."""
-    response.headers["Connection"] = "close"
-    return response
+def _render(answer: ErrorAnswer) -> Response[bytes]:
+    return Response(answer.body, status_code=answer.status, media_type=JSON,
+                    headers=answer.headers)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    # the exception's headers are part of the answer: 405 must say `Allow` (RFC 9110)
-    response = _error(exc.status_code, exc.detail, exc.headers)
-    return _hang_up(response) if exc.status_code == 413 else response
+    return _render(error_answer(exc))
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     # the route's template, not the path: a token in the path must never reach the log
     route = request.scope.get("path_template", "?")
     log.exception("unexpected error on %s %s", request.method, route)
-    return _error(500, "internal error; see the bridge's log")
+    return _render(error_answer(InternalServerException("internal error; see the bridge's log")))
+
+
+class _OpenedStore:
+    """The store the lifespan opens after the routes exist, as the webhook's Ingest."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def submit_async(
+        self, decoded: Decoded, body: bytes, received_at: datetime
+    ) -> Awaitable[Accepted]:
+        if self.services.store is None:
+            raise StoreUnavailable("the store is not open yet")
+        return self.services.store.submit_async(decoded, body, received_at)
 
 
 def create_app(config: Config) -> Litestar:
@@ -139,7 +143,7 @@ def create_app(config: Config) -> Litestar:
             info.cancel()
             await asyncio.to_thread(_stop, services)
 
-    route = WebhookRoute(config.http, gate, metrics, lambda: services.store)
+    route = WebhookRoute(config.http, gate, metrics, _OpenedStore(services))
     path = config.http.path.rstrip("/")
     handlers: list[Any] = [
         asgi(path, name="webhook", is_mount=route.mounted, copy_scope=False)(route)
