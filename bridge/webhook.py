@@ -33,11 +33,13 @@ from litestar.exceptions import (
     ServiceUnavailableException,
 )
 from litestar.openapi.spec import (
+    OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
     OpenAPIType,
     Operation,
     PathItem,
+    Reference,
     RequestBody,
     Schema,
 )
@@ -303,47 +305,92 @@ class WebhookRoute:
         await _answer(send, 200, DUPLICATE if accepted.duplicate else OK)
 
 
+ACCEPTED = """Any JSON object with a string `notifyType` is answered 200 once it is durably \
+stored. A known type whose content fits its shape is decoded and published on its topics; \
+anything else (an unknown notifyType, a content of another shape or of any other JSON \
+type, a notifyId that is not a string) is stored as well and published raw on \
+`<base>/event/<notifyType>`: a sender's surprise is never dropped. A notifyId that is a \
+string is the dedup key, otherwise a hash of the body is. The Content-Type is not looked at.
+
+With `http.token` set, the token goes as the last path segment (`POST <path>/<token>`), \
+as `?token=`, or as header `X-Webhook-Token`. Any other method on this path is answered \
+405 with `Allow: POST`."""
+
+ANSWERS = {
+    "200": "stored durably; `duplicate: true` when this notifyId (or, without one, this body) "
+           "was stored within store.dedup_hours: nothing is published again",
+    "400": "not JSON (not UTF-8, gzip-compressed, nested too deeply), not an object, or no "
+           "string notifyType; `error` says which",
+    "401": "missing or wrong token (http.token)",
+    "403": "the sender's IP is not in http.allowed_ips",
+    "408": "the body did not arrive within http.body_timeout; the connection is closed",
+    "413": "the body is larger than http.max_body_bytes; the connection is closed",
+    "431": "the request line and headers are over 256 KB; the connection is closed",
+    "503": "the store cannot write (disk full, locked, the outbox full): nothing was "
+           "stored, try again later",
+}
+
+
 def webhook_path_item() -> PathItem:
-    """The webhook route's entry in `/schema` (an ASGI route has none by itself)."""
-    answer = Schema(
-        type=OpenAPIType.OBJECT,
-        properties={
-            "ok": Schema(type=OpenAPIType.BOOLEAN),
-            "duplicate": Schema(type=OpenAPIType.BOOLEAN),
-            "error": Schema(type=OpenAPIType.STRING),
-        },
-        required=["ok"],
-    )
-    content = {"application/json": OpenAPIMediaType(schema=answer)}
-    outcomes = {
-        "200": "stored durably (or a duplicate: `duplicate: true`); published after",
-        "400": "not JSON, not an object, or no string notifyType",
-        "401": "missing or wrong token (http.token)",
-        "403": "the sender's IP is not in http.allowed_ips",
-        "408": "the body did not arrive within http.body_timeout",
-        "413": "the body is larger than http.max_body_bytes",
-        "503": "the store cannot write: retry later",
-    }
-    body = Schema(
-        type=OpenAPIType.OBJECT,
-        properties={
-            "notifyType": Schema(type=OpenAPIType.STRING),
-            "notifyId": Schema(type=OpenAPIType.STRING),
-            "eventGenerateTime": Schema(type=OpenAPIType.STRING),
-            "content": Schema(type=OpenAPIType.OBJECT),
-        },
-        required=["notifyType"],
-    )
+    """The webhook route's entry in `/schema` (an ASGI route has none by itself). It
+    describes what the route really takes, which is looser than a provider webhook on
+    purpose, so that a client generated from it, or a fuzzer, expects what it gets."""
     return PathItem(
         post=Operation(
             operation_id="ReceiveWebhook",
             summary="Receive an eSIM Access webhook",
+            description=ACCEPTED,
             request_body=RequestBody(
-                content={"application/json": OpenAPIMediaType(schema=body)}, required=True
+                content={"application/json": OpenAPIMediaType(schema=_webhook_schema())},
+                required=True,
             ),
-            responses={
-                code: OpenAPIResponse(description=text, content=content)
-                for code, text in outcomes.items()
-            },
+            responses={code: _response(code, text) for code, text in ANSWERS.items()},
         )
     )
+
+
+def _webhook_schema() -> Schema:
+    """A JSON object with a string notifyType; every other member may be any JSON value."""
+    anything = "any JSON value; "
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "notifyType": Schema(type=OpenAPIType.STRING, description=(
+                "CHECK_HEALTH, ORDER_STATUS, SMDP_EVENT, ESIM_STATUS, DATA_USAGE or "
+                "VALIDITY_USAGE are decoded; any other string is published raw")),
+            "notifyId": Schema(description=anything + "a string is the dedup key"),
+            "eventGenerateTime": Schema(description=anything + "an ISO 8601 or "
+                                        "`yyyy-MM-dd HH:mm:ss` string orders the event"),
+            "content": Schema(description=anything + "the event's fields"),
+        },
+        required=["notifyType"],
+        additional_properties=True,
+    )
+
+
+def _response(code: str, text: str) -> OpenAPIResponse:
+    return OpenAPIResponse(
+        description=text,
+        content={"application/json": OpenAPIMediaType(schema=_answer_schema(code == "200"))},
+        headers=_answer_headers(code) or None,
+    )
+
+
+def _answer_schema(ok: bool) -> Schema:
+    """`{"ok": true}` (with `"duplicate": true` for one), or `{"ok": false, "error": ...}`."""
+    other = ("duplicate", Schema(const=True)) if ok else ("error", Schema(type=OpenAPIType.STRING))
+    members: dict[str, Schema | Reference] = {"ok": Schema(const=ok), other[0]: other[1]}
+    return Schema(type=OpenAPIType.OBJECT, properties=members,
+                  required=["ok"] if ok else ["ok", "error"], additional_properties=False)
+
+
+def _answer_headers(code: str) -> dict[str, OpenAPIHeader | Reference]:
+    """Connection: close where the rest of the request is never read; Retry-After on 503."""
+    if code in ("408", "413", "431"):
+        close = OpenAPIHeader(schema=Schema(const="close"), required=True)
+        return {"Connection": close}
+    if code == "503":
+        wait = OpenAPIHeader(schema=Schema(type=OpenAPIType.STRING, pattern="^[0-9]+$"),
+                             description=f"seconds ({RETRY_AFTER}); sent when the outbox is full")
+        return {"Retry-After": wait}
+    return {}
