@@ -20,9 +20,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.datastructures import State
-from litestar.exceptions import (
-    HTTPException,
-)
+from litestar.exceptions import HTTPException, InternalServerException
 from litestar.openapi import OpenAPIConfig
 
 from bridge import __version__
@@ -37,7 +35,7 @@ from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
 from bridge.store import Store, StoreUnavailable
 from bridge.topics import Topics
-from bridge.webhook import WebhookRoute, webhook_path_item
+from bridge.webhook import ErrorAnswer, WebhookRoute, error_answer, webhook_path_item
 
 log = logging.getLogger("bridge.webhook")
 
@@ -127,28 +125,20 @@ class Services:
         return reasons
 
 
-def _error(status: int, message: str) -> Response[bytes]:
-    body = msgspec.json.encode({"ok": False, "error": message})
-    return Response(body, status_code=status, media_type=JSON)
-
-
-def _hang_up(response: Response[bytes]) -> Response[bytes]:
-    """Close the connection after answering: the rest of the body is never read, so a
-    slow or oversized upload cannot keep its connection (RFC 9110: 408, 413)."""
-    response.headers["Connection"] = "close"
-    return response
+def _render(answer: ErrorAnswer) -> Response[bytes]:
+    return Response(answer.body, status_code=answer.status, media_type=JSON,
+                    headers=answer.headers)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    response = _error(exc.status_code, exc.detail)
-    return _hang_up(response) if exc.status_code == 413 else response
+    return _render(error_answer(exc))
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     # the route's template, not the path: a token in the path must never reach the log
     route = request.scope.get("path_template", "?")
     log.exception("unexpected error on %s %s", request.method, route)
-    return _error(500, "internal error; see the bridge's log")
+    return _render(error_answer(InternalServerException("internal error; see the bridge's log")))
 
 
 def create_app(config: Config) -> Litestar:
