@@ -277,11 +277,10 @@ class Store:
         prior = None if entity is None else self._record(conn, entity, batch)
         plan = topics.plan(to, decoded, write.body, prior, write.received_at, self.topics)
         configs: list[Message] = []
+        cleared: list[Message] = []
         if entity is not None and plan.record is not None:
             blob = _record_encoder.encode(plan.record)
-            ha = self.homeassistant
-            if ha is not None and ha.changes(prior, plan.record):
-                configs = self._changed(conn, ha.entity(entity, plan.record))
+            configs, cleared = self._beside(conn, entity, prior, plan)
 
         # writes from here on
         conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", (key, now))
@@ -289,14 +288,33 @@ class Store:
             batch.records[entity.key] = plan.record
             conn.execute("INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
                          (entity.key, blob))
-            self._keep(conn, entity.key, configs)
+            self._keep(conn, entity.key, configs + cleared)
             self._keep(conn, entity.key, [m for m in plan.messages if m.retain])
             batch.new_esims += int(prior is None and entity.kind == "esim")
-        batch.outbox += configs
-        batch.outbox += plan.messages
+        # a config first (an entity it drops is gone before its topic is cleared), then
+        # what the earlier eSIM of a reused iccid left, then the event's own messages
+        batch.outbox += configs + cleared + plan.messages
         iccid = entity.name if entity is not None and entity.kind == "esim" else decoded.iccid
-        count = len(configs) + len(plan.messages)
+        count = len(configs) + len(cleared) + len(plan.messages)
         return Accepted(False, iccid, to.warning, count, plan.notice)
+
+    def _beside(
+        self, conn: sqlite3.Connection, entity: Entity, prior: Record | None, plan: topics.Plan
+    ) -> tuple[list[Message], list[Message]]:
+        """What an event changes besides its own messages: the entity's discovery configs
+        that changed (made only when their inputs may have: an eSIM's config is 5 KB of
+        JSON), and, when its iccid went to another eSIM, the earlier eSIM's retained
+        topics that the new one does not set (cleared)."""
+        assert plan.record is not None
+        ha = self.homeassistant
+        configs = []
+        if ha is not None and (plan.reused or ha.changes(prior, plan.record)):
+            configs = ha.entity(entity, plan.record)
+        if not plan.reused:
+            return self._changed(conn, configs), []
+        keep = {m.topic for m in configs} | {m.topic for m in plan.messages}
+        cleared = [Message(t, b"", True) for t in self._held(conn, entity.key) if t not in keep]
+        return self._changed(conn, configs), cleared
 
     def _post(self, conn: sqlite3.Connection, write: Post, batch: Batch) -> int:
         self._keep(conn, POSTED, [m for m in write.messages if m.retain])
@@ -348,6 +366,11 @@ class Store:
             if row is None or bytes(row[0]) != message.payload:
                 changed.append(message)
         return changed
+
+    def _held(self, conn: sqlite3.Connection, owner: str) -> list[str]:
+        """The retained topics an owner holds now."""
+        rows = conn.execute("SELECT topic FROM retained WHERE owner = ?", (owner,))
+        return [row[0] for row in rows]
 
     def _reconcile(
         self, conn: sqlite3.Connection, owner: str, wanted: list[Message]

@@ -123,6 +123,9 @@ class Plan(msgspec.Struct):
     messages: list[Message]
     record: Record | None = None
     notice: str | None = None
+    # the iccid now belongs to another eSIM: its record started afresh, and the store
+    # clears the retained topics of the earlier one that this one has not set
+    reused: bool = False
 
 
 # A value topic per state field that has one; the rest live only in the state JSON.
@@ -306,6 +309,14 @@ def plan(
     if decoded.notify_id is not None:
         fields["last_notify_id"] = decoded.notify_id
     at = moment.timestamp()
+    esim_event = Message(topics.esim(iccid, "event"), body, False)
+    reuse = reused(prior, fields.get("esim_tran_no"), at)
+    if reuse == "earlier":
+        notice = (f"esimTranNo {fields['esim_tran_no']} is an earlier eSIM of iccid {iccid}: "
+                  "its event is published, the state of the current one is left alone")
+        return Plan([esim_event, event_topic], prior, notice)
+    if reuse == "afresh":
+        prior = None
     record, applied = merge(prior, fields, at)
     if "data_remaining" in applied or "data_total" in applied:
         # from the state, not the event alone: a DATA_USAGE without totalVolume still
@@ -315,9 +326,21 @@ def plan(
             record, more = merge(record, {"data_remaining_percent": percent(remain, total)}, at)
             applied += more
     messages = retained(to.entity, record, topics, applied)
-    messages.append(Message(topics.esim(iccid, "event"), body, False))
-    messages.append(event_topic)
-    return Plan(messages, record, notice)
+    messages += [esim_event, event_topic]
+    return Plan(messages, record, notice, reused=reuse == "afresh")
+
+
+def reused(prior: Record | None, esim_tran_no: Value | None, at: float) -> str:
+    """Whether an eSIM event belongs to the eSIM its iccid's record is about. The provider
+    gives a used ICCID to a new eSIM (another esimTranNo) later: "same" when it is the
+    same eSIM (or either side does not say), "afresh" when it is another eSIM at least as
+    new as everything the record holds (the record starts over, so nothing of the earlier
+    eSIM carries over), "earlier" when it is another eSIM older than the record (a late
+    event of the eSIM before: it must not bring that one's fields back)."""
+    held = prior.fields.get("esim_tran_no") if prior is not None else None
+    if prior is None or held is None or esim_tran_no is None or held == esim_tran_no:
+        return "same"
+    return "afresh" if at >= max(prior.times.values(), default=at) else "earlier"
 
 
 def retained(

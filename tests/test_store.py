@@ -151,3 +151,65 @@ def test_an_esim_an_older_version_stored_under_a_reserved_name_gets_no_topics(
     db.close()
     with open_store(path) as store:
         assert not [topic for topic in store.retained() if topic.startswith("esim/bridge/")]
+
+
+# -- ICCID reuse ---------------------------------------------------------------------------------
+
+
+def esim_event(kind: str, notify_id: str, tran: str, when: str, **content: object) -> bytes:
+    return json.dumps({"notifyType": kind, "notifyId": notify_id, "eventGenerateTime": when,
+                       "content": {"iccid": ICCID, "esimTranNo": tran, **content}}).encode()
+
+
+def test_a_reused_iccid_starts_afresh_and_clears_what_the_new_esim_lacks(tmp_path: Path) -> None:
+    """The provider gives a used ICCID to a new eSIM (another esimTranNo): nothing of the
+    earlier one may carry over, on the broker either."""
+    with open_store(tmp_path / "bridge.db") as store:
+        store.ingest(esim_event("DATA_USAGE", "a1", "OLD", "2026-01-01T00:00:00Z",
+                                totalVolume=1000, orderUsage=900, remain=100))
+        store.ingest(esim_event("SMDP_EVENT", "a2", "OLD", "2026-01-01T01:00:00Z",
+                                eid="E-OLD", esimStatus="IN_USE", smdpStatus="ENABLED"))
+        before = store.outbox()[-1][0]
+        store.ingest(esim_event("ESIM_STATUS", "b1", "NEW", "2026-02-01T00:00:00Z",
+                                esimStatus="GOT_RESOURCE", smdpStatus="RELEASED"))
+        sent = [m for _, m in store.outbox(before)]
+        kept = store.retained()
+    p = f"esim/{ICCID}"
+    cleared = {m.topic for m in sent if m.retain and not m.payload}
+    assert cleared == {f"{p}/{leaf}" for leaf in (
+        "data_total", "data_used", "data_remaining", "data_remaining_percent", "eid")}
+    state = json.loads(kept[f"{p}/state"])
+    assert state["esim_tran_no"] == "NEW" and state["status"] == "GOT_RESOURCE"
+    assert not {"eid", "data_remaining", "data_total"} & set(state)
+    assert kept[f"{p}/status"] == b"GOT_RESOURCE"
+    assert f"{p}/data_remaining" not in kept and f"homeassistant/device/esim_{ICCID}/config" in kept
+    # the clears go before the new eSIM's own messages, and its config is not cleared
+    topics = [m.topic for m in sent]
+    assert topics.index(f"{p}/eid") < topics.index(f"{p}/status")
+
+
+def test_a_late_event_of_the_earlier_esim_changes_nothing_but_the_event_topics(
+    tmp_path: Path,
+) -> None:
+    with open_store(tmp_path / "bridge.db") as store:
+        store.ingest(esim_event("ESIM_STATUS", "n1", "NEW", "2026-02-01T00:00:00Z",
+                                esimStatus="IN_USE"))
+        before = store.outbox()[-1][0]
+        held = store.retained()
+        accepted = store.ingest(esim_event("DATA_USAGE", "o1", "OLD", "2026-01-01T00:00:00Z",
+                                           totalVolume=1000, remain=5))
+        sent = [m for _, m in store.outbox(before)]
+        assert store.retained() == held
+    assert [(m.topic, m.retain) for m in sent] == [
+        (f"esim/{ICCID}/event", False), ("esim/event/DATA_USAGE", False)]
+    assert accepted.notice is not None and "earlier eSIM" in accepted.notice
+
+
+def test_the_same_esim_without_an_esim_tran_no_is_not_a_reuse(tmp_path: Path) -> None:
+    with open_store(tmp_path / "bridge.db") as store:
+        store.ingest(esim_event("DATA_USAGE", "s1", "T1", "2026-01-01T00:00:00Z", remain=5))
+        raw = json.dumps({"notifyType": "ESIM_STATUS", "notifyId": "s2",
+                          "content": {"iccid": ICCID, "esimStatus": "IN_USE"}}).encode()
+        store.ingest(raw)
+        state = json.loads(store.retained()[f"esim/{ICCID}/state"])
+    assert state["data_remaining"] == 5 and state["esim_tran_no"] == "T1"
