@@ -348,31 +348,32 @@ class ProviderClient:
     ) -> T:
         """POST `body` to `endpoint`, retried while retrying can help; its `obj` as `answer`."""
         content = msgspec.json.encode(body)
-        for attempt in range(1, self._attempts + 1):
+        attempt = 1
+        while True:
             try:
                 obj = await self._send(endpoint, content)
+                break
             except _Retry as busy:
                 self._count(endpoint, "unreachable")
                 if attempt == self._attempts:
                     raise busy.error from None
                 delay = self._delay(attempt, busy.retry_after)
+                attempt += 1
                 log.info("%s; trying again in %.1f s (%d of %d)", busy.error, delay,
-                         attempt + 1, self._attempts)
+                         attempt, self._attempts)
                 await asyncio.sleep(delay)
-                continue
             except ProviderError as error:
                 self._count(endpoint, error.outcome)
                 raise
-            try:
-                decoded = answer.decode(obj)
-            except msgspec.ValidationError as exc:
-                self._count(endpoint, "error")
-                raise Refused(endpoint, "an answer this bridge does not understand",
-                              f"its obj did not decode ({exc})",
-                              "Report it, with the provider's answer.") from None
-            self._count(endpoint, "ok")
-            return decoded
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        try:
+            decoded = answer.decode(obj)
+        except msgspec.ValidationError as exc:
+            self._count(endpoint, "error")
+            raise Refused(endpoint, "an answer this bridge does not understand",
+                          f"its obj did not decode ({exc})",
+                          "Report it, with the provider's answer.") from None
+        self._count(endpoint, "ok")
+        return decoded
 
     async def _send(self, endpoint: str, content: bytes) -> bytes:
         """One request; the `obj` of a successful answer, or an exception that says why not."""
