@@ -1,8 +1,9 @@
-"""The command line: serve, check-config, send, --version."""
+"""The command line: serve, check-config, provider-check, send, --version."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -38,6 +39,40 @@ def check_config(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     print(config.render(settings), end="")
+    return 0
+
+
+def provider_check(args: argparse.Namespace) -> int:
+    """One balance/query and one esim/query: whether the credentials work, in one command."""
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    if settings.provider.access_code is None:
+        print("esim-bridge: provider.access_code is not set: set it in [provider] (or "
+              "ESIM_BRIDGE_PROVIDER_ACCESS_CODE) to your eSIM Access account's access code.",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    from bridge.provider import ProviderClient, ProviderError
+
+    async def ask() -> tuple[str, int]:
+        # two tries, not four: a person is waiting for the answer
+        async with ProviderClient(settings.provider, attempts=2) as client:
+            balance = await client.balance()
+            page = await client.profiles(1, 5)
+            return f"{balance.usd:.2f}", page.pager.total
+
+    where = settings.provider.base_url
+    try:
+        balance, esims = asyncio.run(ask())
+    except ProviderError as error:
+        print(f"esim-bridge: provider-check failed at {error.endpoint} ({where})\n"
+              f"  answer:  {error.answer}\n  meaning: {error.meaning}\n  fix:     {error.fix}",
+              file=sys.stderr)
+        return 1
+    signed = "signed" if settings.provider.secret_key else "unsigned"
+    print(f"The provider at {where} accepts these credentials ({signed} requests).")
+    print(f"balance: {balance} USD")
+    print(f"eSIMs: {esims}")
     return 0
 
 
@@ -204,6 +239,12 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="print the effective configuration")
     check.add_argument("--config", metavar="FILE", help="TOML configuration file")
     check.set_defaults(func=check_config)
+
+    provider = commands.add_parser(
+        "provider-check", help="check the provider's access code: print the balance and the "
+        "number of eSIMs")
+    provider.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    provider.set_defaults(func=provider_check)
 
     post = commands.add_parser("send", help="post an example webhook to a running bridge")
     post.add_argument("type", metavar="TYPE", help=", ".join(examples.TYPES))

@@ -54,6 +54,23 @@ class MqttConfig(_Section):
 class HomeAssistantConfig(_Section):
     discovery: bool = True
     prefix: str = "homeassistant"
+    forget_ended_days: Annotated[int, msgspec.Meta(ge=0)] = 30
+
+
+PROVIDER_MAX_RPS = 8  # the provider's own limit, per account
+MIN_USAGE_MINUTES = 15  # its usage figures lag 2-3 hours: polling more often gains nothing
+
+
+class ProviderConfig(_Section):
+    """The provider's REST API; without an access code it is never called."""
+
+    access_code: str | None = None
+    secret_key: str | None = None
+    base_url: str = "https://api.esimaccess.com"
+    sync_minutes: Positive = 360
+    usage_minutes: int = 60
+    max_rps: int = 5
+    publish_activation: bool = False
 
 
 class StoreConfig(_Section):
@@ -71,6 +88,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     homeassistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
+    provider: ProviderConfig = msgspec.field(default_factory=ProviderConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
@@ -79,10 +97,11 @@ SECTIONS: dict[str, type[_Section]] = {
     "http": HttpConfig,
     "mqtt": MqttConfig,
     "homeassistant": HomeAssistantConfig,
+    "provider": ProviderConfig,
     "store": StoreConfig,
     "log": LogConfig,
 }
-SECRET_KEYS = {("http", "token")}
+SECRET_KEYS = {("http", "token"), ("provider", "access_code"), ("provider", "secret_key")}
 
 
 class ConfigError(Exception):
@@ -219,10 +238,34 @@ def _check_values(config: Config, problems: list[str]) -> None:
             problems.append(f"mqtt.{key} = {value!r}: not a valid topic (no + # or empty levels)")
     if not TOPIC_LEVEL.match(config.homeassistant.prefix):
         problems.append(f"homeassistant.prefix = {config.homeassistant.prefix!r}: not a topic")
+    _check_provider(config.provider, problems)
     if config.store.synchronous not in ("full", "normal"):
         problems.append(f"store.synchronous = {config.store.synchronous!r}: 'full' or 'normal'")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log.level = {config.log.level!r}: debug, info, warning or error")
+
+
+def _check_provider(provider: ProviderConfig, problems: list[str]) -> None:
+    for key in ("access_code", "secret_key"):
+        if getattr(provider, key) is not None and not getattr(provider, key).strip():
+            problems.append(f"provider.{key} is empty: set it, or leave it out")
+    if provider.secret_key is not None and provider.access_code is None:
+        problems.append("provider.secret_key is set but provider.access_code is not: set "
+                        "the access code too (the provider is never called without it)")
+    parts = _split(provider.base_url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"provider.base_url = {mask_url(provider.base_url)!r}: expected "
+                        "https://host[:port], e.g. https://api.esimaccess.com")
+    if provider.usage_minutes < MIN_USAGE_MINUTES:
+        problems.append(f"provider.usage_minutes = {provider.usage_minutes}: at least "
+                        f"{MIN_USAGE_MINUTES} (the provider's usage figures lag 2-3 hours, "
+                        "so reading them more often gains nothing)")
+    if provider.max_rps <= 0:
+        problems.append(f"provider.max_rps = {provider.max_rps}: must be at least 1")
+    elif provider.max_rps > PROVIDER_MAX_RPS:
+        problems.append(f"provider.max_rps = {provider.max_rps}: the provider allows "
+                        f"{PROVIDER_MAX_RPS} requests per second per account; set at most "
+                        f"{PROVIDER_MAX_RPS} (the default 5 leaves room for other clients)")
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

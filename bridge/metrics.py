@@ -41,6 +41,11 @@ class Metrics:
             "esim_bridge_mqtt_connected", "1 while connected to the broker",
             registry=self.registry,
         )
+        self.provider_calls = Counter(
+            "esim_bridge_provider_calls", "Requests sent to the provider's API (retries "
+            "included), by endpoint and outcome: ok, unauthorized, unreachable, error",
+            ["endpoint", "outcome"], registry=self.registry,
+        )
         self.esims = Gauge(
             "esim_bridge_esims", "eSIMs known to the store", registry=self.registry
         )
@@ -69,6 +74,10 @@ class Metrics:
             self.duplicates += 1
         if outcome in ("rejected",):
             self.invalid += 1
+
+    def provider_call(self, endpoint: str, outcome: str) -> None:
+        """The ProviderClient's `on_call`."""
+        self.provider_calls.labels(endpoint, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ import pytest
 
 from tests.brokers import Mosquitto
 from tests.processes import Watcher
+from tests.provider_standin import ProviderStandin
 
 
 @pytest.fixture
@@ -42,3 +43,10 @@ def watcher(subscriber: Watcher) -> Watcher:
     """The module's subscriber on esim/#, with what earlier tests left behind cleared."""
     subscriber.clear()
     return subscriber
+
+
+@pytest.fixture
+def standin() -> Iterator[ProviderStandin]:
+    """A stand-in for the provider's REST API on 127.0.0.1 (tests/provider_standin.py)."""
+    with ProviderStandin() as running:
+        yield running

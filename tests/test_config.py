@@ -140,3 +140,71 @@ def test_render_masks_secrets() -> None:
 
 def test_mask_url_without_password() -> None:
     assert config.mask_url("mqtt://broker:1883") == "mqtt://broker:1883"
+
+
+def test_provider_defaults() -> None:
+    settings = load(None, {})
+    provider = settings.provider
+    assert provider.access_code is None and provider.secret_key is None
+    assert provider.base_url == "https://api.esimaccess.com"
+    assert (provider.sync_minutes, provider.usage_minutes, provider.max_rps) == (360, 60, 5)
+    assert provider.publish_activation is False
+    assert settings.homeassistant.forget_ended_days == 30
+
+
+def test_provider_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[provider]\naccess_code = "from-file"\nmax_rps = 3\n')
+    settings = load(path, {
+        "ESIM_BRIDGE_PROVIDER_ACCESS_CODE": "from-env",
+        "ESIM_BRIDGE_PROVIDER_SECRET_KEY": "k",
+        "ESIM_BRIDGE_PROVIDER_BASE_URL": "http://127.0.0.1:9",
+        "ESIM_BRIDGE_PROVIDER_SYNC_MINUTES": "30",
+        "ESIM_BRIDGE_PROVIDER_USAGE_MINUTES": "15",
+        "ESIM_BRIDGE_PROVIDER_PUBLISH_ACTIVATION": "true",
+        "ESIM_BRIDGE_HOMEASSISTANT_FORGET_ENDED_DAYS": "0",
+    })
+    provider = settings.provider
+    assert (provider.access_code, provider.secret_key) == ("from-env", "k")
+    assert provider.base_url == "http://127.0.0.1:9"
+    assert (provider.sync_minutes, provider.usage_minutes, provider.max_rps) == (30, 15, 3)
+    assert provider.publish_activation is True
+    assert settings.homeassistant.forget_ended_days == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "says"),
+    [
+        ("[provider]\nusage_minutes = 5\n", "provider.usage_minutes", "at least 15"),
+        ("[provider]\nmax_rps = 0\n", "provider.max_rps", "at least 1"),
+        ("[provider]\nmax_rps = 9\n", "provider.max_rps", "allows 8"),
+        ("[provider]\nsync_minutes = 0\n", "provider.sync_minutes", ">= 1"),
+        ('[provider]\nbase_url = "api.esimaccess.com"\n', "provider.base_url", "https://"),
+        ('[provider]\naccess_code = ""\n', "provider.access_code", "empty"),
+        ('[provider]\nsecret_key = "k"\n', "provider.access_code", "set the access code"),
+        ('[provider]\npublish_activation = "yes"\n', "provider.publish_activation", "bool"),
+        ("[homeassistant]\nforget_ended_days = -1\n", "homeassistant.forget_ended_days",
+         ">= 0"),
+    ],
+)
+def test_bad_provider_values_say_what_to_do(
+    tmp_path: Path, text: str, key: str, says: str
+) -> None:
+    found = problems(write(tmp_path, text))
+    assert any(key in problem and says in problem for problem in found), found
+
+
+def test_provider_secrets_are_never_shown(tmp_path: Path) -> None:
+    settings = load(None, {"ESIM_BRIDGE_PROVIDER_ACCESS_CODE": "ac-topsecret",
+                           "ESIM_BRIDGE_PROVIDER_SECRET_KEY": "sk-topsecret"})
+    text = render(settings)
+    assert "topsecret" not in text
+    assert 'access_code = "***"' in text and 'secret_key = "***"' in text
+    assert "# access_code is not set" in render(load(None, {}))
+    # nor in the problems, whether the value is wrong itself or another key is
+    path = write(tmp_path, '[provider]\naccess_code = 12345678\nsecret_key = ["sk-topsecret"]\n'
+                           "max_rps = 99\n")
+    found = problems(path, {"ESIM_BRIDGE_PROVIDER_ACCESS_CODE": "ac-topsecret",
+                            "ESIM_BRIDGE_PROVIDER_USAGE_MINUTES": "1"})
+    text = "\n".join(found)
+    assert "topsecret" not in text and "12345678" not in text, text
+    assert "provider.access_code" in text and "provider.secret_key" in text
