@@ -67,6 +67,10 @@ class Topics:
         self.bridge_state = f"{base}/bridge/state"
         self.bridge_info = f"{base}/bridge/info"
         self.last_health_check = f"{base}/bridge/last_health_check"
+        # the provider's API (optional): account balance, whether it answers, last sync
+        self.balance = f"{base}/bridge/balance"
+        self.provider = f"{base}/bridge/provider"
+        self.last_sync = f"{base}/bridge/last_sync"
         self.invalid = f"{base}/event/{INVALID}"
 
     def event(self, notify_type: str) -> str:
@@ -78,6 +82,10 @@ class Topics:
 
     def order_status(self, order_no: str) -> str:
         return f"{self.base}/order/{order_no}/status"
+
+    def order_esims(self, order_no: str) -> str:
+        """`<base>/order/<orderNo>/esims`: the JSON list of that order's iccids."""
+        return f"{self.base}/order/{order_no}/esims"
 
 
 class Entity(NamedTuple):
@@ -139,13 +147,15 @@ VALUE_TOPICS = {
     "data_remaining_percent": "data_remaining_percent",
     "expires_at": "expires_at",
     "validity_remaining": "validity_remaining",
+    "package": "package",
+    "activated_at": "activated_at",
 }
 
 STATE_KEYS = (
     "iccid", "eid", "order_no", "esim_tran_no", "transaction_id", "status", "smdp_status",
     "data_total", "data_used", "data_remaining", "data_remaining_percent", "remain_threshold",
     "data_updated_at", "expires_at", "validity_remaining", "validity_unit", "validity_total",
-    "last_event", "last_event_at", "last_notify_id",
+    "last_event", "last_event_at", "last_notify_id", "package", "activated_at",
 )
 
 
