@@ -7,6 +7,7 @@ resource starts and stops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.outbox import Message
 from bridge.publisher import BrokerAddress, PublisherProcess, Settings
 from bridge.security import Gate
-from bridge.store import Store, StoreUnavailable
+from bridge.store import Batch, Store, StoreUnavailable
 from bridge.topics import Topics
 from bridge.webhook import ErrorAnswer, WebhookRoute, error_answer, webhook_path_item
 
@@ -173,6 +174,7 @@ def create_app(config: Config) -> Litestar:
             partial(_embedded_broker, services),
             partial(_store, services),
             partial(_publisher, services),
+            partial(_provider_sync, services),
             partial(_bridge_info, services),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
@@ -230,7 +232,7 @@ async def _store(services: Services, app: Litestar) -> AsyncIterator[None]:
 @asynccontextmanager
 async def _publisher(services: Services, app: Litestar) -> AsyncIterator[None]:
     publisher, store = services.publisher, services.store
-    services.committer.on_commit(publisher.poke)
+    services.committer.on_commit(lambda batch: publisher.poke())
     services.metrics.bind(
         backlog=lambda: store.backlog,
         published=lambda: publisher.published,
@@ -242,6 +244,35 @@ async def _publisher(services: Services, app: Litestar) -> AsyncIterator[None]:
         yield
     finally:
         await asyncio.to_thread(publisher.stop, services.config.mqtt.shutdown_timeout)
+
+
+@asynccontextmanager
+async def _provider_sync(services: Services, app: Litestar) -> AsyncIterator[None]:
+    """The provider's API as a second source of state, when an access code is set;
+    without one it is never called."""
+    settings = services.config.provider
+    if not settings.access_code:
+        yield
+        return
+    # imported here: httpx is a few MB that a bridge without the provider never needs
+    from bridge.provider import ProviderClient
+    from bridge.sync import Sync
+
+    async with ProviderClient(settings, on_call=services.metrics.provider_call) as client:
+        sync = Sync(client, services.committer, services.store, services.topics, settings)
+
+        def orders_ready(batch: Batch) -> None:
+            for order_no in batch.orders_ready:
+                sync.order_ready(order_no)
+
+        services.committer.on_commit(orders_ready)
+        task = asyncio.create_task(sync.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @asynccontextmanager

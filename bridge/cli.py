@@ -133,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     logs.configure_logging(settings.log.level)
     logging.getLogger("amqtt").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     # Litestar loads its pydantic plugins whenever pydantic can be imported, and it can
     # here only as a dependency of amqtt's command line (typer). Everything here decodes
     # with msgspec; pydantic would be 8.5 MB of this process's memory for nothing.

@@ -59,14 +59,14 @@ class Committer:
         self._scheduled = False
         self._committing = False
         self._busy_since: float | None = None
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[Batch], None]] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
 
-    def on_commit(self, listener: Callable[[], None]) -> None:
-        """Call `listener` after a commit that added to the outbox."""
+    def on_commit(self, listener: Callable[[Batch], None]) -> None:
+        """Call `listener` with each batch committed that added to the outbox."""
         self._listeners.append(listener)
 
     # -- what callers submit ------------------------------------------------------------------
@@ -172,7 +172,7 @@ class Committer:
         self.last_error = None
         if batch.outbox:
             for listener in self._listeners:
-                listener()
+                listener(batch)
         self._settle(queued, batch.outcomes, loop)
 
     def _failed(

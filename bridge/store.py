@@ -99,7 +99,17 @@ class Resync:
     the current base; what is no longer wanted is cleared. Its outcome: messages sent."""
 
 
-Write = Webhook | Post | Resync
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """What the provider's API said of some eSIMs (read at `at`), and, for the profiles
+    of one order, its orderNo. Its outcome: how many messages it sent."""
+
+    readings: list[topics.Reading]
+    at: datetime
+    order_no: str | None = None
+
+
+Write = Webhook | Post | Resync | Poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +132,7 @@ class Batch:
     outbox: list[Message] = field(default_factory=list)
     records: dict[str, Record | None] = field(default_factory=dict)  # loaded or written
     new_esims: int = 0
+    orders_ready: list[str] = field(default_factory=list)  # ORDER_STATUS GOT_RESOURCE
 
 
 def dedup_key(decoded: Decoded, body: bytes) -> str:
@@ -196,6 +207,15 @@ class Store:
         except sqlite3.Error:
             return 0
 
+    def in_use(self) -> list[tuple[str, str]]:
+        """(iccid, esimTranNo) of the eSIMs in use, read on a connection of its own
+        (blocking: run it on a thread)."""
+        conn = db.connect(self.path, self.synchronous, db.SMALL_CACHE_KIB)
+        try:
+            return esims_in_use(conn)
+        finally:
+            conn.close()
+
     # -- one transaction ---------------------------------------------------------------------
 
     def begin(self) -> None:
@@ -236,6 +256,8 @@ class Store:
                     outcome: Outcome = self._webhook(conn, write, batch, waiting)
                 elif isinstance(write, Post):
                     outcome = self._post(conn, write, batch)
+                elif isinstance(write, Poll):
+                    outcome = self._poll(conn, write, batch)
                 else:
                     outcome = self._resync(conn, batch)
             except sqlite3.Error:
@@ -276,15 +298,60 @@ class Store:
         entity = to.entity
         prior = None if entity is None else self._record(conn, entity, batch)
         plan = topics.plan(to, decoded, write.body, prior, write.received_at, self.topics)
+        count = self._change(conn, entity, prior, plan, batch, seen=(key, now))
+        if entity is not None and entity.kind == "order" and plan.record is not None and (
+            plan.record.fields.get("order_status") == "GOT_RESOURCE"
+            and any(m.retain for m in plan.messages)
+        ):
+            batch.orders_ready.append(entity.name)  # its eSIMs can be read from the API now
+        iccid = entity.name if entity is not None and entity.kind == "esim" else decoded.iccid
+        return Accepted(False, iccid, to.warning, count, plan.notice)
+
+    def _poll(self, conn: sqlite3.Connection, write: Poll, batch: Batch) -> int:
+        at, count, iccids = write.at.timestamp(), 0, []
+        for reading in write.readings:
+            if topics.iccid_problem(reading.iccid) is not None:
+                log.warning("the provider's API names an iccid %r that cannot be a topic "
+                            "segment: left out", reading.iccid[:64])
+                continue
+            entity = Entity("esim", reading.iccid)
+            prior = self._record(conn, entity, batch)
+            plan = topics.plan_reading(reading, prior, at, self.topics)
+            count += self._change(conn, entity, prior, plan, batch)
+            iccids.append(reading.iccid)
+        if write.order_no is not None and topics.SEGMENT.match(write.order_no):
+            message = Message(self.topics.order_esims(write.order_no),
+                              msgspec.json.encode(sorted(iccids)), True)
+            self._keep(conn, Entity("order", write.order_no).key, [message])
+            batch.outbox.append(message)
+            count += 1
+        return count
+
+    def _change(
+        self,
+        conn: sqlite3.Connection,
+        entity: Entity | None,
+        prior: Record | None,
+        plan: topics.Plan,
+        batch: Batch,
+        seen: tuple[str, float] | None = None,
+    ) -> int:
+        """Write what a plan changes: the entity's record, its retained topics, its
+        discovery, the outbox (and, for a webhook, its dedup key). Returns how many
+        messages it sent. Everything that can fail comes before the first write."""
         configs: list[Message] = []
         cleared: list[Message] = []
-        if entity is not None and plan.record is not None:
+        changed = entity is not None and plan.record is not None and plan.record != prior
+        if changed:
+            assert entity is not None and plan.record is not None
             blob = _record_encoder.encode(plan.record)
             configs, cleared = self._beside(conn, entity, prior, plan)
 
         # writes from here on
-        conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", (key, now))
-        if entity is not None and plan.record is not None:
+        if seen is not None:
+            conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", seen)
+        if changed:
+            assert entity is not None and plan.record is not None
             batch.records[entity.key] = plan.record
             conn.execute("INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
                          (entity.key, blob))
@@ -292,11 +359,9 @@ class Store:
             self._keep(conn, entity.key, [m for m in plan.messages if m.retain])
             batch.new_esims += int(prior is None and entity.kind == "esim")
         # a config first (an entity it drops is gone before its topic is cleared), then
-        # what the earlier eSIM of a reused iccid left, then the event's own messages
+        # what the earlier eSIM of a reused iccid left, then the plan's own messages
         batch.outbox += configs + cleared + plan.messages
-        iccid = entity.name if entity is not None and entity.kind == "esim" else decoded.iccid
-        count = len(configs) + len(cleared) + len(plan.messages)
-        return Accepted(False, iccid, to.warning, count, plan.notice)
+        return len(configs) + len(cleared) + len(plan.messages)
 
     def _beside(
         self, conn: sqlite3.Connection, entity: Entity, prior: Record | None, plan: topics.Plan
@@ -395,6 +460,18 @@ class Store:
             return batch.records[entity.key]
         row = conn.execute("SELECT record FROM entity WHERE key = ?", (entity.key,)).fetchone()
         return None if row is None else _record_decoder.decode(row[0])
+
+
+def esims_in_use(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(iccid, esimTranNo) of every eSIM in use: those whose data the provider's API is
+    asked for (an eSIM not installed yet, or ended, uses none)."""
+    out = []
+    for key, blob in conn.execute("SELECT key, record FROM entity WHERE key LIKE 'esim:%'"):
+        fields = _record_decoder.decode(blob).fields
+        tran = fields.get("esim_tran_no")
+        if fields.get("status") == "IN_USE" and isinstance(tran, str):
+            out.append((Entity.parse(key).name, tran))
+    return out
 
 
 def _name(write: Write) -> str:

@@ -327,7 +327,34 @@ def plan(
         return Plan([esim_event, event_topic], prior, notice)
     if reuse == "afresh":
         prior = None
+    data = {key: fields.pop(key) for key in DATA_FIELDS if key in fields}
     record, applied = merge(prior, fields, at)
+    updated = _timestamp(data.get("data_updated_at"))
+    record, more = merge_data(record, data, at, updated)
+    messages = retained(to.entity, record, topics, applied + more)
+    messages += [esim_event, event_topic]
+    return Plan(messages, record, notice, reused=reuse == "afresh")
+
+
+# The data counters, and the time the provider last settled them (lastUpdateTime).
+DATA_FIELDS = ("data_total", "data_used", "data_remaining", "data_updated_at")
+
+
+def merge_data(
+    record: Record, data: dict[str, Value], at: float, updated: float | None
+) -> tuple[Record, list[str]]:
+    """Apply data counters (`updated`: their lastUpdateTime, if known), and the percent
+    they give. Webhooks and the provider's API both report them, each with the
+    provider's lastUpdateTime (hours behind, the operator's settlement): where both the
+    record and the new counters have one, the newer lastUpdateTime wins, whatever the
+    events' own times; where either lacks one, the out-of-order rule of `merge` holds."""
+    held = _timestamp(record.fields.get("data_updated_at"))
+    if held is not None and updated is not None:
+        if updated < held:
+            return record, []
+        if updated > held:  # newer counters: they win over the times the old ones had
+            at = max([at, *(record.times.get(key, at) for key in data)])
+    record, applied = merge(record, data, at)
     if "data_remaining" in applied or "data_total" in applied:
         # from the state, not the event alone: a DATA_USAGE without totalVolume still
         # moves the percent, against the total known from before
@@ -335,9 +362,56 @@ def plan(
         if isinstance(total, int) and total > 0 and isinstance(remain, int):
             record, more = merge(record, {"data_remaining_percent": percent(remain, total)}, at)
             applied += more
-    messages = retained(to.entity, record, topics, applied)
-    messages += [esim_event, event_topic]
-    return Plan(messages, record, notice, reused=reuse == "afresh")
+    return record, applied
+
+
+def _timestamp(value: Value | None) -> float | None:
+    """A time the bridge stored as ISO text, as a POSIX timestamp."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+class Reading(msgspec.Struct, frozen=True):
+    """What the provider's API says of one eSIM now, as state fields.
+
+    A profile sets `fields` (status, package, expiry...) and `data` only where no
+    counters are known yet (its orderUsage lags); a usage reading sets `data`, with its
+    lastUpdateTime as `updated`, under the same rule as a DATA_USAGE webhook."""
+
+    iccid: str
+    esim_tran_no: str | None
+    fields: dict[str, Value]
+    data: dict[str, Value]
+    updated: float | None = None
+
+
+def plan_reading(reading: Reading, prior: Record | None, at: float, topics: Topics) -> Plan:
+    """The retained messages a reading of the provider's API gives (no event topics: it is
+    not an event). Read at `at`, so it is newer than every event before it: a profile of
+    another eSIM (another esimTranNo) starts the iccid afresh; a usage reading of another
+    eSIM than the one held changes nothing."""
+    entity = Entity("esim", reading.iccid)
+    reuse = reused(prior, reading.esim_tran_no, at)
+    if reuse != "same" and not reading.fields:  # usage of an eSIM no longer on this iccid
+        return Plan([], prior)
+    if reuse == "earlier":
+        return Plan([], prior)
+    if reuse == "afresh":
+        prior = None
+    fields = dict(reading.fields, iccid=reading.iccid)
+    if reading.esim_tran_no is not None:
+        fields["esim_tran_no"] = reading.esim_tran_no
+    record, applied = merge(prior, fields, at)
+    data = reading.data
+    if reading.updated is None:  # a profile's counters: only where none are known yet
+        data = {key: value for key, value in data.items() if key not in record.fields}
+    record, more = merge_data(record, data, at, reading.updated)
+    return Plan(retained(entity, record, topics, applied + more), record,
+                reused=reuse == "afresh")
 
 
 def reused(prior: Record | None, esim_tran_no: Value | None, at: float) -> str:

@@ -326,3 +326,80 @@ def test_a_raw_event_still_names_its_iccid_for_the_log() -> None:
     result = plan(decode(raw), raw, None, NOW, "esim")
     assert result.warning and result.iccid == ICCID
     assert [m.topic for m in result.messages] == ["esim/event/ESIM_STATUS"]
+
+
+# -- readings of the provider's API ------------------------------------------------------------
+
+LATER = NOW + timedelta(hours=1)
+
+
+def usage_at(updated: str, remain: int, tran: str = "T1") -> topics.Reading:
+    when = datetime.fromisoformat(updated)
+    return topics.Reading(ICCID, tran, {}, {"data_total": 1000, "data_used": 1000 - remain,
+                                            "data_remaining": remain,
+                                            "data_updated_at": iso(when)}, when.timestamp())
+
+
+def webhook_usage(updated: str, remain: int, egt: str) -> Record:
+    raw = body("DATA_USAGE", {"iccid": ICCID, "esimTranNo": "T1", "totalVolume": 1000,
+                              "remain": remain, "lastUpdateTime": updated},
+               eventGenerateTime=egt)
+    record = plan(None, raw, None, NOW, "esim").record
+    assert record is not None
+    return record
+
+
+def test_a_usage_reading_with_a_newer_last_update_time_wins_over_a_webhooks_event_time() -> None:
+    held = webhook_usage("2026-01-01T09:00:00+00:00", 500, egt="2026-01-01T11:59:00Z")
+    result = topics.plan_reading(usage_at("2026-01-01T10:00:00+00:00", 400), held,
+                                 NOW.timestamp(), Topics("esim"))
+    assert result.record is not None and result.record.fields["data_remaining"] == 400
+    assert (f"{P}/data_remaining_percent", b"40.0") in [(m.topic, m.payload)
+                                                        for m in result.messages]
+
+
+def test_a_usage_reading_with_an_older_last_update_time_changes_nothing() -> None:
+    held = webhook_usage("2026-01-01T09:00:00+00:00", 500, egt="2026-01-01T09:05:00Z")
+    result = topics.plan_reading(usage_at("2026-01-01T08:00:00+00:00", 900), held,
+                                 LATER.timestamp(), Topics("esim"))
+    assert result.record is not None and result.record.fields["data_remaining"] == 500
+    assert [m.topic for m in result.messages] == [f"{P}/state"]
+
+
+def test_a_webhook_with_older_counters_than_a_reading_leaves_them() -> None:
+    reading = topics.plan_reading(usage_at("2026-01-01T10:00:00+00:00", 400), None,
+                                  NOW.timestamp(), Topics("esim"))
+    raw = body("DATA_USAGE", {"iccid": ICCID, "esimTranNo": "T1", "totalVolume": 1000,
+                              "remain": 700, "lastUpdateTime": "2026-01-01T08:00:00Z"},
+               eventGenerateTime="2026-01-01T12:30:00Z")
+    after = plan(None, raw, reading.record, LATER, "esim")
+    assert after.record is not None and after.record.fields["data_remaining"] == 400
+    assert after.record.fields["last_event"] == "DATA_USAGE"  # the rest of it is taken
+
+
+def test_a_usage_reading_of_another_esim_on_the_iccid_changes_nothing() -> None:
+    held = webhook_usage("2026-01-01T09:00:00+00:00", 500, egt="2026-01-01T09:05:00Z")
+    result = topics.plan_reading(usage_at("2026-01-01T10:00:00+00:00", 1, tran="OTHER"), held,
+                                 LATER.timestamp(), Topics("esim"))
+    assert result.messages == [] and result.record == held
+
+
+def test_a_profile_sets_counters_only_where_none_are_known() -> None:
+    held = webhook_usage("2026-01-01T09:00:00+00:00", 500, egt="2026-01-01T09:05:00Z")
+    profile = topics.Reading(ICCID, "T1", {"status": "IN_USE", "package": "EU 1GB"},
+                             {"data_total": 1000, "data_used": 0, "data_remaining": 1000})
+    result = topics.plan_reading(profile, held, LATER.timestamp(), Topics("esim"))
+    assert result.record is not None
+    assert result.record.fields["data_remaining"] == 500
+    assert result.record.fields["package"] == "EU 1GB"
+    fresh = topics.plan_reading(profile, None, LATER.timestamp(), Topics("esim"))
+    assert fresh.record is not None and fresh.record.fields["data_remaining"] == 1000
+
+
+def test_a_profile_of_another_esim_starts_the_iccid_afresh() -> None:
+    held = webhook_usage("2026-01-01T09:00:00+00:00", 500, egt="2026-01-01T09:05:00Z")
+    profile = topics.Reading(ICCID, "T2", {"status": "GOT_RESOURCE"}, {})
+    result = topics.plan_reading(profile, held, LATER.timestamp(), Topics("esim"))
+    assert result.reused and result.record is not None
+    assert "data_remaining" not in result.record.fields
+    assert result.record.fields["esim_tran_no"] == "T2"

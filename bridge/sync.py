@@ -1,0 +1,202 @@
+"""Provider sync: the provider's API as a second source of state.
+
+With `provider.access_code` set, the bridge reads every profile of the account at start
+and every `provider.sync_minutes`, the data used by the eSIMs in use every
+`provider.usage_minutes`, and an order's profiles as soon as its ORDER_STATUS says
+GOT_RESOURCE. What it reads becomes `Reading`s that enter the store through the same
+transaction, merge and out-of-order rule as a webhook (`store.Poll`). Nothing here runs
+on the webhook path: a provider that hangs delays only this.
+
+`<base>/bridge/provider` says how the last call went (ok, unauthorized, unreachable,
+error), `<base>/bridge/balance` the account's balance, `<base>/bridge/last_sync` when
+every profile was last read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from bridge.committer import Committer
+from bridge.config import ProviderConfig
+from bridge.outbox import Message
+from bridge.provider import Profile, ProviderClient, ProviderError, Usage
+from bridge.store import Poll, Store, StoreUnavailable
+from bridge.topics import Reading, Topics, Value, iso
+
+log = logging.getLogger("bridge.sync")
+
+CHUNK = 50  # readings per transaction: a sync of thousands never holds webhooks up long
+RETRY = (60.0, 3600.0)  # s: after a failed round, the first wait, and the longest
+
+
+def profile_reading(profile: Profile) -> Reading | None:
+    """The contract's fields of one profile; None without an iccid."""
+    if not profile.iccid:
+        return None
+    found: dict[str, Value | None] = {
+        "status": profile.esim_status,
+        "smdp_status": profile.smdp_status,
+        "eid": profile.eid or None,
+        "order_no": profile.order_no,
+        "transaction_id": profile.transaction_id,
+        "expires_at": iso(profile.expires_at) if profile.expires_at else None,
+        "activated_at": iso(profile.activated_at) if profile.activated_at else None,
+        "validity_total": profile.total_duration,
+        "validity_unit": profile.duration_unit,
+        "package": profile.package,
+    }
+    data: dict[str, Value] = {}
+    total, used = profile.total_volume, profile.order_usage
+    if isinstance(total, int):
+        data["data_total"] = total
+        if isinstance(used, int):
+            data.update(data_used=used, data_remaining=total - used)
+    fields = {key: value for key, value in found.items() if value is not None}
+    return Reading(profile.iccid, profile.esim_tran_no, fields, data)
+
+
+def usage_reading(iccid: str, usage: Usage) -> Reading | None:
+    """A usage answer as data counters, timed by its lastUpdateTime."""
+    total, used, updated = usage.total_data, usage.data_usage, usage.updated_at
+    if not isinstance(total, int) or not isinstance(used, int) or updated is None:
+        return None
+    data: dict[str, Value] = {"data_total": total, "data_used": used,
+                              "data_remaining": total - used, "data_updated_at": iso(updated)}
+    return Reading(iccid, usage.esim_tran_no, {}, data, updated.timestamp())
+
+
+class Sync:
+    """Runs the three loops for as long as `run()` is awaited (the app's lifespan)."""
+
+    def __init__(
+        self, client: ProviderClient, committer: Committer, store: Store, topics: Topics,
+        settings: ProviderConfig,
+    ) -> None:
+        self.client = client
+        self.committer = committer
+        self.store = store
+        self.topics = topics
+        self.settings = settings
+        self.synced = asyncio.Event()  # set after the first complete sync
+        self._orders: asyncio.Queue[str] = asyncio.Queue()
+        self._status: str | None = None
+
+    def order_ready(self, order_no: str) -> None:
+        """An ORDER_STATUS GOT_RESOURCE was stored: read that order's profiles soon."""
+        self._orders.put_nowait(order_no)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._every(self.settings.sync_minutes * 60, self.sync_all))
+            tasks.create_task(self._usage())
+            tasks.create_task(self._resolve_orders())
+
+    # -- the three loops ------------------------------------------------------------------
+
+    async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Do `work` now and every `seconds`; a round that failed is tried again sooner (1
+        minute, doubling), never more often."""
+        retry = RETRY[0]
+        while True:
+            wait = seconds
+            if not await self._attempt(work):
+                wait, retry = min(retry, seconds), min(retry * 2, RETRY[1])
+            else:
+                retry = RETRY[0]
+            await asyncio.sleep(wait)
+
+    async def _usage(self) -> None:
+        await self.synced.wait()  # usage is asked for the eSIMs the sync found in use
+        await self._every(self.settings.usage_minutes * 60, self.poll_usage)
+
+    async def _resolve_orders(self) -> None:
+        while True:
+            order_no = await self._orders.get()
+            await self._attempt(partial(self.resolve_order, order_no))
+
+    async def _attempt(self, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Run one round; a refusal or a store that cannot write is logged, not raised."""
+        try:
+            await work()
+        except ProviderError as exc:
+            await self._report(exc.outcome, exc)
+            return False
+        except StoreUnavailable as exc:
+            log.warning("the provider's answer could not be stored (%s); trying again later",
+                        exc)
+            return False
+        await self._report("ok")
+        return True
+
+    # -- the work -------------------------------------------------------------------------
+
+    async def sync_all(self) -> None:
+        """The balance, then every profile of the account; `last_sync` once all are in."""
+        balance = await self.client.balance()
+        await self.committer.post([self._retained(self.topics.balance, f"{balance.usd:.2f}")])
+        seen: set[str] = set()
+        chunk: list[Reading] = []
+        async for profile in self.client.all_profiles():
+            reading = profile_reading(profile)
+            # a reused ICCID is listed for each of its eSIMs, the newest first
+            if reading is None or reading.iccid in seen:
+                continue
+            seen.add(reading.iccid)
+            chunk.append(reading)
+            if len(chunk) >= CHUNK:
+                await self._store(chunk)
+                chunk = []
+        await self._store(chunk)
+        now = iso(datetime.now(UTC))
+        await self.committer.post([self._retained(self.topics.last_sync, now)])
+        log.info("read %d eSIMs from the provider's API", len(seen))
+        self.synced.set()
+
+    async def poll_usage(self) -> None:
+        """Data used by every eSIM in use, 10 to a call."""
+        in_use = dict((tran, iccid) for iccid, tran in await asyncio.to_thread(self.store.in_use))
+        if not in_use:
+            return
+        usages = await self.client.usage(list(in_use))
+        readings = [usage_reading(in_use[u.esim_tran_no], u) for u in usages
+                    if u.esim_tran_no in in_use]
+        found = [reading for reading in readings if reading is not None]
+        for start in range(0, len(found), CHUNK):
+            await self._store(found[start:start + CHUNK])
+
+    async def resolve_order(self, order_no: str) -> None:
+        """An order's profiles (the provider may need some seconds to allocate them), and
+        `<base>/order/<orderNo>/esims`."""
+        profiles = await self.client.profiles_of_order(order_no)
+        readings = [r for r in map(profile_reading, profiles) if r is not None]
+        await self._store(readings, order_no)
+        log.info("order %s: %d eSIMs", order_no, len(readings))
+
+    async def _store(self, readings: list[Reading], order_no: str | None = None) -> None:
+        if readings or order_no:
+            await self.committer.submit(Poll(readings, datetime.now(UTC), order_no))
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def _report(self, outcome: str, error: ProviderError | None = None) -> None:
+        """`<base>/bridge/provider`, and a log line a person can act on, when it changes."""
+        if outcome == self._status:
+            return
+        if error is not None:
+            log.error("the provider's API: %s (%s)", error, outcome)
+        elif self._status is not None:
+            log.info("the provider's API answers again")
+        try:
+            await self.committer.post([self._retained(self.topics.provider, outcome)])
+        except StoreUnavailable:
+            return  # said again on the next change... or the next round
+        self._status = outcome
+
+    @staticmethod
+    def _retained(topic: str, text: str) -> Message:
+        return Message(topic, text.encode(), True)

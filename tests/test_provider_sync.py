@@ -1,0 +1,262 @@
+"""The provider's API as a second source of state, end to end: the real `esim-bridge
+serve`, a real Mosquitto, and the stand-in provider (a real HTTP server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.brokers import Mosquitto
+from tests.processes import BridgeProcess, Watcher, fixture, request, retained
+from tests.provider_standin import ProviderStandin, profile
+
+CODE = "standin-access-code"
+
+
+def provider(standin: ProviderStandin, **more: Any) -> dict[str, dict[str, Any]]:
+    return {"provider": {"access_code": CODE, "base_url": standin.url, "max_rps": 5, **more}}
+
+
+def iccid(number: int) -> str:
+    return str(profile(number)["iccid"])
+
+
+def wait_until(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        time.sleep(0.1)
+
+
+def wait_retained(port: int, topics: set[str], timeout: float = 30.0) -> dict[str, bytes]:
+    """The broker's retained messages, once it holds every one of `topics`."""
+    held: dict[str, bytes] = {}
+
+    def has_all() -> bool:
+        nonlocal held
+        held = retained(port, "#", wait=0.3)
+        return topics <= set(held)
+
+    wait_until(has_all, f"retained {sorted(topics - set(held))[:5]}", timeout)
+    return held
+
+
+@pytest.fixture
+def standin() -> Iterator[ProviderStandin]:
+    with ProviderStandin(access_code=CODE, esims=3) as server:
+        yield server
+
+
+def test_every_esim_of_the_account_appears_after_start(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """No webhook mentioned them: their retained topics and their Home Assistant devices
+    are there from the first minute, and the bridge device says how the provider is."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        wanted = {f"esim/{iccid(n)}/state" for n in (1, 2, 3)} | {
+            f"homeassistant/device/esim_{iccid(n)}/config" for n in (1, 2, 3)} | {
+            "esim/bridge/provider", "esim/bridge/balance", "esim/bridge/last_sync"}
+        held = wait_retained(mosquitto.port, wanted)
+    finally:
+        bridge.stop()
+    one = iccid(1)
+    state = json.loads(held[f"esim/{one}/state"])
+    assert state["esim_tran_no"] == "T00000001" and state["status"] == "GOT_RESOURCE"
+    assert state["package"] == "Europe 5GB 30Days" and state["data_remaining"] == 5368709120
+    assert state["expires_at"] == "2030-05-29T18:34:17+00:00"
+    assert held[f"esim/{one}/package"] == b"Europe 5GB 30Days"
+    assert held[f"esim/{one}/status"] == b"GOT_RESOURCE"
+    assert held["esim/bridge/provider"] == b"ok"
+    assert held["esim/bridge/balance"] == b"94.00"
+
+
+def test_secrets_and_activation_data_appear_nowhere(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """The access code is in no log line and no payload; the activation code, the QR code's
+    URL, the PIN and the PUK are in no topic (publish_activation is off)."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin))
+    with Watcher(mosquitto.port, ["#"]) as watcher:
+        bridge.start()
+        try:
+            watcher.wait_for("esim/bridge/last_sync", timeout=30)
+            assert bridge.post(fixture("data_usage")).status == 200
+            watcher.wait_for("esim/event/DATA_USAGE")
+        finally:
+            bridge.stop()
+        everything = b"\n".join(t.encode() + b" " + p for t, p, _ in watcher.messages)
+    log = bridge.log()
+    for secret in (CODE, "SECRET-MATCHING", "LPA:1$", "/qr/", "12345678"):
+        assert secret.encode() not in everything, secret
+        assert secret not in log, secret
+
+
+def test_without_an_access_code_the_provider_is_never_called(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    sections = {"provider": {"base_url": standin.url}}
+    bridge = BridgeProcess(tmp_path, mosquitto.url, sections).start()
+    try:
+        assert bridge.post(fixture("data_usage")).status == 200
+        with Watcher(mosquitto.port, ["esim/#"]) as watcher:
+            watcher.wait_for("esim/bridge/state", b"online")
+    finally:
+        bridge.stop()
+    assert standin.requests == []
+    assert "esim/bridge/provider" not in retained(mosquitto.port, "esim/bridge/#")
+
+
+def test_usage_moves_data_remaining_and_300_esims_never_pass_max_rps(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The eSIMs in use get their data used from `esim/usage/query` right after the first
+    sync, 10 to a call; the stand-in counts the requests of every second."""
+    with ProviderStandin(access_code=CODE, esims=300) as standin:
+        for entry in standin.profiles:
+            entry["esimStatus"] = "IN_USE"
+        standin.usage["T00000007"] = {"esimTranNo": "T00000007", "dataUsage": 1073741824,
+                                      "totalData": 5368709120,
+                                      "lastUpdateTime": "2026-12-01T10:00:00+0000"}
+        bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+        try:
+            topic = f"esim/{iccid(7)}/data_remaining"
+            wait_until(lambda: retained(mosquitto.port, topic, wait=0.3).get(topic)
+                       == b"4294967296", "data_remaining from the usage poll", 60)
+            wait_until(lambda: standin.paths().count("esim/usage/query") >= 30,
+                       "every eSIM's usage asked for", 30)
+        finally:
+            bridge.stop()
+        assert standin.max_per_second <= 5, standin.max_per_second
+        held = retained(mosquitto.port, f"esim/{iccid(7)}/#")
+    state = json.loads(held[f"esim/{iccid(7)}/state"])
+    assert state["data_updated_at"] == "2026-12-01T10:00:00+00:00"
+    assert held[f"esim/{iccid(7)}/data_remaining_percent"] == b"80.0"
+
+
+def test_a_usage_reading_older_than_a_webhook_does_not_win(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The webhook carries a newer lastUpdateTime than the provider's answer that comes
+    after it (the stand-in answers slowly, so the webhook is stored first)."""
+    body = json.loads(fixture("data_usage"))  # lastUpdateTime 2025-07-21T09:38:25
+    one = body["content"]["iccid"]
+    with ProviderStandin(access_code=CODE) as standin:
+        standin.profiles = [profile(1, iccid=one, esimTranNo=body["content"]["esimTranNo"],
+                                    esimStatus="IN_USE")]
+        standin.usage[body["content"]["esimTranNo"]] = {
+            "esimTranNo": body["content"]["esimTranNo"], "dataUsage": 1, "totalData": 10,
+            "lastUpdateTime": "2025-07-01T00:00:00+0000"}
+        standin.delay = 1.0
+        bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+        try:
+            assert bridge.post(json.dumps(body).encode()).status == 200
+            wait_until(lambda: "esim/usage/query" in standin.paths(), "the usage poll", 30)
+            time.sleep(standin.delay + 1.0)  # its answer, stored (or not) by now
+            held = retained(mosquitto.port, f"esim/{one}/#")
+        finally:
+            bridge.stop()
+    assert held[f"esim/{one}/data_remaining"] == str(body["content"]["remain"]).encode()
+    assert json.loads(held[f"esim/{one}/state"])["data_updated_at"] == "2025-07-21T09:38:25+00:00"
+
+
+def test_an_order_resolves_to_its_esims(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """ORDER_STATUS carries no iccid: the bridge asks for the order's profiles (the provider
+    answers 200010 while it allocates them) and publishes them."""
+    bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        wait_retained(mosquitto.port, {"esim/bridge/last_sync"})
+        added = standin.allocate("B26120600000001", 2, calls=2)
+        order = json.loads(fixture("order_status"))
+        order["content"].update(orderNo="B26120600000001", orderStatus="GOT_RESOURCE")
+        assert bridge.post(json.dumps(order).encode()).status == 200
+        iccids = sorted(str(p["iccid"]) for p in added)
+        held = wait_retained(mosquitto.port, {"esim/order/B26120600000001/esims"} | {
+            f"esim/{i}/state" for i in iccids})
+    finally:
+        bridge.stop()
+    assert json.loads(held["esim/order/B26120600000001/esims"]) == iccids
+    assert held["esim/order/B26120600000001/status"] == b"GOT_RESOURCE"
+
+
+def test_a_reused_iccid_in_the_api_clears_the_earlier_esims_fields(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """A webhook told of one eSIM; the provider now lists its ICCID under another."""
+    body = json.loads(fixture("smdp_event"))  # with an eid
+    one = body["content"]["iccid"]
+    before = BridgeProcess(tmp_path, mosquitto.url).start()  # no provider yet
+    try:
+        assert before.post(json.dumps(body).encode()).status == 200
+        wait_retained(mosquitto.port, {f"esim/{one}/eid"})
+    finally:
+        before.stop()
+    standin.profiles = [profile(1, iccid=one, esimTranNo="T-NEW", esimStatus="GOT_RESOURCE")]
+    after = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        wait_until(lambda: f"esim/{one}/eid" not in retained(mosquitto.port, f"esim/{one}/#"),
+                   "the earlier eSIM's eid cleared", 30)
+        held = retained(mosquitto.port, f"esim/{one}/#")
+    finally:
+        after.stop()
+    state = json.loads(held[f"esim/{one}/state"])
+    assert state["esim_tran_no"] == "T-NEW" and "eid" not in state
+    assert held[f"esim/{one}/package"] == b"Europe 5GB 30Days"
+
+
+def test_refused_credentials_say_unauthorized_and_webhooks_go_on(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    standin.access_code = "another-code"
+    bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        held = wait_retained(mosquitto.port, {"esim/bridge/provider"})
+        assert held["esim/bridge/provider"] == b"unauthorized"
+        assert bridge.post(fixture("data_usage")).status == 200
+        assert bridge.get("/readyz").status == 200
+    finally:
+        bridge.stop()
+    lines = [line for line in bridge.log().splitlines() if "provider.access_code" in line]
+    assert len(lines) == 1, lines
+    assert CODE not in bridge.log()
+
+
+def ack_times(bridge: BridgeProcess, count: int) -> list[float]:
+    body = json.loads(fixture("data_usage"))
+    times = []
+    for n in range(count):
+        body["notifyId"] = f"speed-{n}"
+        started = time.perf_counter()
+        assert request(bridge.url, json.dumps(body).encode(), timeout=10).status == 200
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def test_a_hanging_provider_leaves_webhook_answers_as_fast(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """Nothing of the provider is on the webhook path: with the provider hanging on every
+    call, the median answer takes no longer than without a provider (a ratio, measured
+    here against the same bridge without one, not a fixed time)."""
+    standin.delay = 60.0  # every call hangs, past the client's timeout
+    alone = BridgeProcess(tmp_path / "alone", mosquitto.url).start()
+    try:
+        without = statistics.median(ack_times(alone, 60))
+    finally:
+        alone.stop()
+    hanging = BridgeProcess(tmp_path / "hanging", mosquitto.url, provider(standin)).start()
+    try:
+        wait_until(lambda: standin.requests, "the first call to the provider", 10)
+        with_hanging = statistics.median(ack_times(hanging, 60))
+    finally:
+        hanging.stop()
+    assert with_hanging < 2 * without + 0.002, (with_hanging, without)
