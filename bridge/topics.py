@@ -221,6 +221,11 @@ def merge(prior: Record | None, fields: dict[str, Value], at: float) -> tuple[Re
     A field set by a newer event keeps its value: stale events never overwrite.
     """
     record = Record(dict(prior.fields), dict(prior.times)) if prior else Record()
+    return record, _apply(record, fields, at)
+
+
+def _apply(record: Record, fields: dict[str, Value], at: float) -> list[str]:
+    """`merge`, into `record` itself: the keys it set."""
     applied: list[str] = []
     for key, value in fields.items():
         if record.times.get(key, float("-inf")) > at:
@@ -228,7 +233,7 @@ def merge(prior: Record | None, fields: dict[str, Value], at: float) -> tuple[Re
         record.fields[key] = value
         record.times[key] = at
         applied.append(key)
-    return record, applied
+    return applied
 
 
 def state_payload(record: Record) -> bytes:
@@ -342,7 +347,7 @@ DATA_FIELDS = ("data_total", "data_used", "data_remaining", "data_updated_at")
 
 def merge_data(
     record: Record, data: dict[str, Value], at: float, updated: float | None
-) -> tuple[Record, list[str]]:
+) -> tuple[Record, list[str]]:  # `record` is a fresh one of `merge`: changed in place
     """Apply data counters (`updated`: their lastUpdateTime, if known), and the percent
     they give. Webhooks and the provider's API both report them, each with the
     provider's lastUpdateTime (hours behind, the operator's settlement): where both the
@@ -354,14 +359,15 @@ def merge_data(
             return record, []
         if updated > held:  # newer counters: they win over the times the old ones had
             at = max([at, *(record.times.get(key, at) for key in data)])
-    record, applied = merge(record, data, at)
+    if not data:
+        return record, []
+    applied = _apply(record, data, at)
     if "data_remaining" in applied or "data_total" in applied:
         # from the state, not the event alone: a DATA_USAGE without totalVolume still
         # moves the percent, against the total known from before
         total, remain = record.fields.get("data_total"), record.fields.get("data_remaining")
         if isinstance(total, int) and total > 0 and isinstance(remain, int):
-            record, more = merge(record, {"data_remaining_percent": percent(remain, total)}, at)
-            applied += more
+            applied += _apply(record, {"data_remaining_percent": percent(remain, total)}, at)
     return record, applied
 
 
@@ -433,21 +439,21 @@ def retained(
     """The retained messages an entity's record stands for: those of `fields` (the ones
     an event just set), or all of them. An eSIM's JSON state is always among them. The
     event path and the store's upgrade of an older database both build them here."""
-    def wanted(key: str) -> bool:
-        return key in record.fields and (fields is None or key in fields)
+    held = record.fields
+    wanted = held.keys() if fields is None else set(fields)
 
     if entity.kind == "esim":
         out = [
-            Message(topics.esim(entity.name, leaf), text(record.fields[key]), True)
+            Message(topics.esim(entity.name, leaf), text(held[key]), True)
             for key, leaf in VALUE_TOPICS.items()
-            if wanted(key)
+            if key in wanted
         ]
         out.append(Message(topics.esim(entity.name, "state"), state_payload(record), True))
         return out
-    if entity.kind == "order" and wanted("order_status"):
+    if entity.kind == "order" and "order_status" in wanted:
         status = text(record.fields["order_status"])
         return [Message(topics.order_status(entity.name), status, True)]
-    if entity.kind == "bridge" and wanted("last_health_check"):
+    if entity.kind == "bridge" and "last_health_check" in wanted:
         last = text(record.fields["last_health_check"])
         return [Message(topics.last_health_check, last, True)]
     return []
