@@ -48,15 +48,23 @@ SUPPORT_URL: Final = "https://github.com/esim-bridge/esim-bridge"
 MANUFACTURER: Final = "eSIM Access"
 BRIDGE_OBJECT_ID: Final = "esim_bridge"
 
-# The values the provider documents (PROVIDER.md). Anything else must show as
-# unknown in Home Assistant, never break the entity.
+# The values the provider documents (PROVIDER.md, PROVIDER-API.md), in the order of an
+# eSIM's life. Anything else must show as unknown in Home Assistant, never break the
+# entity. The API's esimStatus adds the states before GOT_RESOURCE and SUSPENDED, and
+# spells REVOKED as REVOKE: both are kept, so a profile read by sync shows as itself.
 ESIM_STATUSES: Final = (
+    "CREATE",
+    "PAYING",
+    "PAID",
+    "GETTING_RESOURCE",
     "GOT_RESOURCE",
     "IN_USE",
     "USED_UP",
     "USED_EXPIRED",
     "UNUSED_EXPIRED",
     "CANCEL",
+    "SUSPENDED",
+    "REVOKE",
     "REVOKED",
 )
 SMDP_STATUSES: Final = ("DOWNLOAD", "INSTALLATION", "ENABLED", "DISABLED", "DELETED", "RELEASED")

@@ -246,6 +246,22 @@ def test_enum_sensors_list_every_documented_value_and_map_the_rest_to_none() -> 
         assert template.endswith("else 'None' }}")
 
 
+# esimStatus values of the provider API (PROVIDER-API.md); webhooks spell REVOKE REVOKED.
+API_ESIM_STATUSES = (
+    "CREATE", "PAYING", "PAID", "GETTING_RESOURCE", "GOT_RESOURCE", "IN_USE", "USED_UP",
+    "UNUSED_EXPIRED", "USED_EXPIRED", "CANCEL", "SUSPENDED", "REVOKE",
+)
+
+
+def test_every_esim_status_of_the_api_and_the_webhooks_is_known() -> None:
+    """A profile read by sync must show its status, not unknown; both spellings of revoked."""
+    assert set(API_ESIM_STATUSES) | {"REVOKED"} == set(ESIM_STATUSES)
+    assert len(ESIM_STATUSES) == len(set(ESIM_STATUSES))
+    life = ESIM_STATUSES.index
+    assert life("CREATE") < life("GOT_RESOURCE") < life("IN_USE") < life("CANCEL")
+    assert life("REVOKE") + 1 == life("REVOKED")
+
+
 def test_event_types_are_notify_types_and_smdp_statuses() -> None:
     event = config(esim()[1])["cmps"]["last_event"]
     assert event["event_types"] == list(EVENT_TYPES)

@@ -255,7 +255,8 @@ PAYLOAD_NONE = "None"  # mqtt/const.py
 # What the bridge publishes on each topic it owns (CONTRACT.md "MQTT topics"),
 # as examples; an entity may only read one of these.
 ESIM_TOPIC_EXAMPLES = {
-    "status": ["GOT_RESOURCE", "IN_USE", "CANCEL"],
+    # webhooks, and the provider API's esimStatus (PROVIDER-API.md) read by sync
+    "status": ["GOT_RESOURCE", "IN_USE", "CANCEL", "REVOKED", "CREATE", "SUSPENDED", "REVOKE"],
     "smdp_status": ["DOWNLOAD", "ENABLED", "RELEASED"],
     "eid": ["89049032007108882600137544319616"],
     "data_total": ["53687091200"],
