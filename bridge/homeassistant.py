@@ -31,6 +31,7 @@ from bridge.topics import Entity, Record, Topics
 __all__ = [
     "ESIM_STATUSES",
     "EVENT_TYPES",
+    "PROVIDER_STATES",
     "SMDP_STATUSES",
     "HomeAssistant",
     "birth_topic",
@@ -48,18 +49,28 @@ SUPPORT_URL: Final = "https://github.com/esim-bridge/esim-bridge"
 MANUFACTURER: Final = "eSIM Access"
 BRIDGE_OBJECT_ID: Final = "esim_bridge"
 
-# The values the provider documents (PROVIDER.md). Anything else must show as
-# unknown in Home Assistant, never break the entity.
+# The values the provider documents (PROVIDER.md, PROVIDER-API.md), in the order of an
+# eSIM's life. Anything else must show as unknown in Home Assistant, never break the
+# entity. The API's esimStatus adds the states before GOT_RESOURCE and SUSPENDED, and
+# spells REVOKED as REVOKE: both are kept, so a profile read by sync shows as itself.
 ESIM_STATUSES: Final = (
+    "CREATE",
+    "PAYING",
+    "PAID",
+    "GETTING_RESOURCE",
     "GOT_RESOURCE",
     "IN_USE",
     "USED_UP",
     "USED_EXPIRED",
     "UNUSED_EXPIRED",
     "CANCEL",
+    "SUSPENDED",
+    "REVOKE",
     "REVOKED",
 )
 SMDP_STATUSES: Final = ("DOWNLOAD", "INSTALLATION", "ENABLED", "DISABLED", "DELETED", "RELEASED")
+# What `<base>/bridge/provider` says about the provider's API (CONTRACT.md).
+PROVIDER_STATES: Final = ("ok", "unauthorized", "unreachable", "error")
 # An SMDP_EVENT fires as its smdpStatus, every other webhook as its notifyType.
 EVENT_TYPES: Final = KNOWN_TYPES + SMDP_STATUSES
 
@@ -82,19 +93,27 @@ class HomeAssistant:
     every component of a device-based config when its topic gets an empty payload, so
     clearing one topic per device removes it (the store does that for every config this
     extension no longer returns, with discovery turned off, or the prefix changed).
+
+    `provider`: the provider's API is configured (an access code is set). Only then do
+    the entities fed by it exist (per eSIM: package, activated; on the bridge: balance,
+    provider, last sync): without it their topics are never published.
     """
 
     OWNER: Final = "homeassistant"  # of its rows in the table of retained topics
 
-    def __init__(self, topics: Topics, *, prefix: str, version: str) -> None:
+    def __init__(
+        self, topics: Topics, *, prefix: str, version: str, provider: bool = False
+    ) -> None:
         self.topics = topics
         self.prefix = prefix
         self.version = version
+        self.provider = provider
 
     def bridge(self) -> list[Message]:
         """The bridge's own device."""
         topic, payload = bridge_discovery(
-            base=self.topics.base, prefix=self.prefix, version=self.version
+            base=self.topics.base, prefix=self.prefix, version=self.version,
+            provider=self.provider,
         )
         return [Message(topic, payload, True)]
 
@@ -104,7 +123,7 @@ class HomeAssistant:
             return []
         topic, payload = esim_discovery(
             entity.name, record.fields, base=self.topics.base, prefix=self.prefix,
-            version=self.version,
+            version=self.version, provider=self.provider,
         )
         return [Message(topic, payload, True)]
 
@@ -146,10 +165,17 @@ def esim_config_inputs(state: Mapping[str, object]) -> tuple[object, ...]:
 
 
 def esim_discovery(
-    iccid: str, state: Mapping[str, object], *, base: str, prefix: str, version: str
+    iccid: str,
+    state: Mapping[str, object],
+    *,
+    base: str,
+    prefix: str,
+    version: str,
+    provider: bool = False,
 ) -> tuple[str, bytes]:
     """(topic, retained payload) of the device-based discovery config for one eSIM; of
-    `state` it reads only ESIM_CONFIG_FIELDS."""
+    `state` it reads only ESIM_CONFIG_FIELDS. With `provider`, also the entities only the
+    provider's API feeds (package, activated)."""
     topic = esim_discovery_topic(iccid, prefix=prefix)
     topics = Topics(base)
     uid = f"esim_{iccid}"
@@ -218,6 +244,13 @@ def esim_discovery(
             state_topic=topics.esim(iccid, "state"),
         ),
     }
+    if provider:
+        cmps["package"] = sensor("package", "Package", {"icon": "mdi:package-variant-closed"})
+        cmps["activated_at"] = sensor(
+            "activated_at",
+            "Activated",
+            {"device_class": "timestamp", "icon": "mdi:calendar-check"},
+        )
     device: Config = {
         "identifiers": [uid],
         "name": f"eSIM …{iccid[-4:]}",
@@ -229,8 +262,14 @@ def esim_discovery(
     return topic, _encode(device, version, cmps)
 
 
-def bridge_discovery(*, base: str, prefix: str, version: str) -> tuple[str, bytes]:
-    """(topic, payload) for the bridge's own device: f"{prefix}/device/esim_bridge/config"."""
+def bridge_discovery(
+    *, base: str, prefix: str, version: str, provider: bool = False
+) -> tuple[str, bytes]:
+    """(topic, payload) for the bridge's own device: f"{prefix}/device/esim_bridge/config".
+
+    With `provider` (the provider's API is configured), also the account's balance, how
+    the provider answers and the last complete sync; without it the payload is what it
+    was before they existed, byte for byte."""
     topics = Topics(base)
     uid = BRIDGE_OBJECT_ID
     avail = _availability(topics)
@@ -287,6 +326,8 @@ def bridge_discovery(*, base: str, prefix: str, version: str) -> tuple[str, byte
             avail,
         ),
     }
+    if provider:
+        cmps.update(_provider_components(topics, avail))
     device: Config = {
         "identifiers": [uid],
         "name": "eSIM bridge",
@@ -295,6 +336,47 @@ def bridge_discovery(*, base: str, prefix: str, version: str) -> tuple[str, byte
         "sw_version": version,
     }
     return bridge_discovery_topic(prefix=prefix), _encode(device, version, cmps)
+
+
+def _provider_components(topics: Topics, avail: Config) -> Config:
+    """The bridge's entities fed by the provider's API, after the bridge's own."""
+    uid = BRIDGE_OBJECT_ID
+    return {
+        # No state_class: Home Assistant allows only `total` with `monetary` (and rejects
+        # `measurement`); a balance is a level, not a running total.
+        "balance": _entity(
+            "sensor",
+            uid,
+            "balance",
+            "Balance",
+            topics.balance,
+            {
+                "device_class": "monetary",
+                "unit_of_measurement": "USD",
+                "suggested_display_precision": 2,
+                "icon": "mdi:cash",
+            },
+            avail,
+        ),
+        "provider": _entity(
+            "sensor",
+            uid,
+            "provider",
+            "Provider",
+            topics.provider,
+            {**_enum(PROVIDER_STATES, "mdi:cloud-check-outline"), **_DIAGNOSTIC},
+            avail,
+        ),
+        "last_sync": _entity(
+            "sensor",
+            uid,
+            "last_sync",
+            "Last sync",
+            topics.last_sync,
+            {"device_class": "timestamp", "icon": "mdi:cloud-sync-outline", **_DIAGNOSTIC},
+            avail,
+        ),
+    }
 
 
 def _encode(device: Config, version: str, cmps: Config) -> bytes:

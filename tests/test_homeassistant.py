@@ -8,6 +8,7 @@ do.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -19,7 +20,9 @@ from bridge.homeassistant import (
     ESIM_CONFIG_FIELDS,
     ESIM_STATUSES,
     EVENT_TYPES,
+    PROVIDER_STATES,
     SMDP_STATUSES,
+    HomeAssistant,
     bridge_discovery,
     bridge_discovery_topic,
     esim_config_inputs,
@@ -27,6 +30,7 @@ from bridge.homeassistant import (
     esim_discovery_topic,
 )
 from bridge.models import KNOWN_TYPES
+from bridge.topics import Entity, Record, Topics
 
 ICCID = "8943108170001029631"
 BASE = "esim"
@@ -246,6 +250,22 @@ def test_enum_sensors_list_every_documented_value_and_map_the_rest_to_none() -> 
         assert template.endswith("else 'None' }}")
 
 
+# esimStatus values of the provider API (PROVIDER-API.md); webhooks spell REVOKE REVOKED.
+API_ESIM_STATUSES = (
+    "CREATE", "PAYING", "PAID", "GETTING_RESOURCE", "GOT_RESOURCE", "IN_USE", "USED_UP",
+    "UNUSED_EXPIRED", "USED_EXPIRED", "CANCEL", "SUSPENDED", "REVOKE",
+)
+
+
+def test_every_esim_status_of_the_api_and_the_webhooks_is_known() -> None:
+    """A profile read by sync must show its status, not unknown; both spellings of revoked."""
+    assert set(API_ESIM_STATUSES) | {"REVOKED"} == set(ESIM_STATUSES)
+    assert len(ESIM_STATUSES) == len(set(ESIM_STATUSES))
+    life = ESIM_STATUSES.index
+    assert life("CREATE") < life("GOT_RESOURCE") < life("IN_USE") < life("CANCEL")
+    assert life("REVOKE") + 1 == life("REVOKED")
+
+
 def test_event_types_are_notify_types_and_smdp_statuses() -> None:
     event = config(esim()[1])["cmps"]["last_event"]
     assert event["event_types"] == list(EVENT_TYPES)
@@ -302,3 +322,146 @@ def test_connectivity_shows_offline_instead_of_going_unavailable() -> None:
     assert not {k for k in conn if k.startswith(("availability", "avty"))}
     for comp in cmps.values():
         assert comp["availability_topic"] == "b1/bridge/state"
+
+
+# --- The provider's API (optional): its entities exist only when it is configured ------
+
+# sha256 of bridge_discovery(base=BASE, prefix=PREFIX, version=VERSION) before the
+# provider's entities existed: without a provider, not one byte may change (a changed
+# config is republished to every user, and Home Assistant recreates nothing for it).
+BRIDGE_BEFORE_PROVIDER = "31378a68f2ec3b5d4a10320f930584bff62223a9cafcff2b1b1506bde634036f"
+BRIDGE_COMPONENTS = ["connectivity", "last_health_check", "webhooks_received", "outbox_backlog"]
+PROVIDER_BRIDGE_COMPONENTS = ["balance", "provider", "last_sync"]
+PROVIDER_ESIM_COMPONENTS = {"package": "sensor", "activated_at": "sensor"}
+
+
+def bridge(*, provider: bool, base: str = BASE) -> tuple[str, bytes]:
+    return bridge_discovery(base=base, prefix=PREFIX, version=VERSION, provider=provider)
+
+
+def esim_with_provider(state: dict[str, object] | None = None) -> tuple[str, bytes]:
+    full = FULL_STATE if state is None else state
+    return esim_discovery(ICCID, full, base=BASE, prefix=PREFIX, version=VERSION, provider=True)
+
+
+def test_without_a_provider_the_bridge_config_is_byte_for_byte_what_it_was() -> None:
+    default = bridge_discovery(base=BASE, prefix=PREFIX, version=VERSION)
+    assert bridge(provider=False) == default
+    assert hashlib.sha256(default[1]).hexdigest() == BRIDGE_BEFORE_PROVIDER
+    assert list(config(default[1])["cmps"]) == BRIDGE_COMPONENTS
+
+
+def test_without_a_provider_an_esim_has_no_provider_entities() -> None:
+    assert esim_discovery(
+        ICCID, FULL_STATE, base=BASE, prefix=PREFIX, version=VERSION, provider=False
+    ) == esim()
+    assert not set(config(esim()[1])["cmps"]) & set(PROVIDER_ESIM_COMPONENTS)
+
+
+def test_a_provider_adds_exactly_three_bridge_components_after_the_others() -> None:
+    before = config(bridge(provider=False)[1])
+    after = config(bridge(provider=True)[1])
+    assert list(after["cmps"]) == BRIDGE_COMPONENTS + PROVIDER_BRIDGE_COMPONENTS
+    assert {k: v for k, v in after["cmps"].items() if k in BRIDGE_COMPONENTS} == before["cmps"]
+    assert (after["dev"], after["o"]) == (before["dev"], before["o"])
+    assert bridge(provider=True)[0] == bridge(provider=False)[0]
+
+
+def test_a_provider_adds_package_and_activated_to_each_esim() -> None:
+    before = config(esim()[1])["cmps"]
+    after = config(esim_with_provider()[1])["cmps"]
+    assert {k: c["p"] for k, c in after.items()} == {
+        **EXPECTED_COMPONENTS,
+        **PROVIDER_ESIM_COMPONENTS,
+    }
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert after["package"]["unique_id"] == f"esim_{ICCID}_package"
+    assert after["activated_at"]["unique_id"] == f"esim_{ICCID}_activated_at"
+
+
+def test_provider_configs_are_deterministic() -> None:
+    assert bridge(provider=True) == bridge(provider=True)
+    assert esim_with_provider() == esim_with_provider()
+    reordered = dict(reversed(list(FULL_STATE.items())))
+    assert esim_with_provider(reordered) == esim_with_provider()
+
+
+@given(st.dictionaries(st.sampled_from(sorted(FULL_STATE)) | st.text(max_size=8), json_values))
+def test_with_a_provider_the_config_is_still_made_from_its_inputs_alone(
+    state: dict[str, object],
+) -> None:
+    """Package and activation time are state the config must not read (they change)."""
+    inputs_only = {name: state[name] for name in ESIM_CONFIG_FIELDS if name in state}
+    assert esim_with_provider(state) == esim_with_provider(inputs_only)
+    changed = {**FULL_STATE, "package": "Asia 1GB 7Days", "activated_at": "2025-01-01T00:00:00Z"}
+    assert esim_with_provider(changed) == esim_with_provider()
+
+
+def test_provider_esim_entities() -> None:
+    cmps = config(esim_with_provider()[1])["cmps"]
+    package, activated = cmps["package"], cmps["activated_at"]
+    assert package["state_topic"] == f"{BASE}/{ICCID}/package"
+    assert package["name"] == "Package"
+    assert package["icon"].startswith("mdi:")
+    assert not {"device_class", "state_class", "unit_of_measurement", "value_template"} & set(
+        package
+    )
+    assert "entity_category" not in package
+    assert activated["state_topic"] == f"{BASE}/{ICCID}/activated_at"
+    assert activated["name"] == "Activated"
+    assert activated["device_class"] == "timestamp"
+    assert "entity_category" not in activated
+    for comp in (package, activated):
+        assert comp["availability_topic"] == f"{BASE}/bridge/state"
+
+
+def test_provider_bridge_entities() -> None:
+    cmps = config(bridge(provider=True, base="b1")[1])["cmps"]
+    balance, provider, last_sync = (cmps[k] for k in PROVIDER_BRIDGE_COMPONENTS)
+    assert [cmps[k]["unique_id"] for k in PROVIDER_BRIDGE_COMPONENTS] == [
+        "esim_bridge_balance",
+        "esim_bridge_provider",
+        "esim_bridge_last_sync",
+    ]
+    topics = Topics("b1")
+    assert balance["state_topic"] == topics.balance == "b1/bridge/balance"
+    assert provider["state_topic"] == topics.provider == "b1/bridge/provider"
+    assert last_sync["state_topic"] == topics.last_sync == "b1/bridge/last_sync"
+
+    # Home Assistant rejects `measurement` on a monetary sensor.
+    assert balance["device_class"] == "monetary"
+    assert balance["unit_of_measurement"] == "USD"
+    assert "state_class" not in balance
+    assert "entity_category" not in balance
+
+    assert provider["device_class"] == "enum"
+    assert provider["options"] == list(PROVIDER_STATES) == [
+        "ok", "unauthorized", "unreachable", "error"
+    ]
+    assert provider["value_template"].endswith("else 'None' }}")
+    assert provider["entity_category"] == "diagnostic"
+
+    assert last_sync["device_class"] == "timestamp"
+    assert last_sync["entity_category"] == "diagnostic"
+    for comp in (balance, provider, last_sync):
+        assert comp["availability_topic"] == "b1/bridge/state"
+        assert comp["icon"].startswith("mdi:")
+        assert "expire_after" not in comp
+
+
+def test_the_extension_passes_the_provider_setting_on() -> None:
+    topics = Topics(BASE)
+    record = Record({k: v for k, v in FULL_STATE.items() if isinstance(v, str | int | float)})
+    default = HomeAssistant(topics, prefix=PREFIX, version=VERSION)
+    without = HomeAssistant(topics, prefix=PREFIX, version=VERSION, provider=False)
+    with_ = HomeAssistant(topics, prefix=PREFIX, version=VERSION, provider=True)
+    assert default.bridge() == without.bridge()
+    assert [(m.topic, m.payload, m.retain) for m in without.bridge()] == [
+        (*bridge(provider=False), True)
+    ]
+    assert [(m.topic, m.payload, m.retain) for m in with_.bridge()] == [
+        (*bridge(provider=True), True)
+    ]
+    entity = Entity("esim", ICCID)
+    assert [m.payload for m in default.entity(entity, record)] == [esim()[1]]
+    assert [m.payload for m in with_.entity(entity, record)] == [esim_with_provider()[1]]

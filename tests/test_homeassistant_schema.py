@@ -240,8 +240,12 @@ DEVICE_CLASS_STATE_CLASSES: dict[str, set[str]] = {
     "duration": set(STATE_CLASSES),
     "date": set(),
     "enum": set(),
+    "monetary": {"total"},  # never "measurement": a balance takes no state class at all
     "timestamp": set(),
 }
+# sensor/const.py SensorDeviceClass.MONETARY: "Unit of measurement: ISO 4217 currency
+# code"; it has no entry in DEVICE_CLASS_UNITS, so the code's shape is what is checked.
+CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 # binary_sensor/__init__.py BinarySensorDeviceClass, event/__init__.py EventDeviceClass
 BINARY_SENSOR_DEVICE_CLASSES = {
     *("battery", "battery_charging", "carbon_monoxide", "cold", "connectivity", "door"),
@@ -255,7 +259,8 @@ PAYLOAD_NONE = "None"  # mqtt/const.py
 # What the bridge publishes on each topic it owns (CONTRACT.md "MQTT topics"),
 # as examples; an entity may only read one of these.
 ESIM_TOPIC_EXAMPLES = {
-    "status": ["GOT_RESOURCE", "IN_USE", "CANCEL"],
+    # webhooks, and the provider API's esimStatus (PROVIDER-API.md) read by sync
+    "status": ["GOT_RESOURCE", "IN_USE", "CANCEL", "REVOKED", "CREATE", "SUSPENDED", "REVOKE"],
     "smdp_status": ["DOWNLOAD", "ENABLED", "RELEASED"],
     "eid": ["89049032007108882600137544319616"],
     "data_total": ["53687091200"],
@@ -266,11 +271,18 @@ ESIM_TOPIC_EXAMPLES = {
     "validity_remaining": ["1"],
     "state": ['{"iccid":"8943108170001029631","order_no":"B25052822150009"}'],
     "event": ['{"notifyType":"SMDP_EVENT","content":{"smdpStatus":"DOWNLOAD"}}'],
+    # the provider's API (optional)
+    "package": ["Europe 5GB 30Days", "United States 1GB 7Days"],
+    "activated_at": ["2025-05-28T22:16:03+00:00"],
 }
 BRIDGE_TOPIC_EXAMPLES = {
     "state": ["online", "offline"],
     "last_health_check": ["2025-09-11T13:28:09+00:00"],
     "info": ['{"version":"0.1.0","counts":{"webhooks_received":3,"outbox_backlog":0}}'],
+    # the provider's API (optional)
+    "balance": ["94.00", "0.00", "12345.67"],
+    "provider": ["ok", "unauthorized", "unreachable", "error"],
+    "last_sync": ["2025-09-11T13:28:09+00:00"],
 }
 
 # --- The payloads under test --------------------------------------------------
@@ -307,15 +319,21 @@ SETTINGS = [("esim", "homeassistant"), ("home/esim-bridge", "ha_discovery")]
 
 
 def all_payloads() -> Iterator[tuple[str, str, str, bytes]]:
-    """(id, base, topic, payload) for the bridge and every eSIM, state and setting."""
+    """(id, base, topic, payload) for the bridge and every eSIM, state and setting, with
+    the provider's API configured (`+provider`) and without."""
     for base, prefix in SETTINGS:
-        yield f"bridge@{base}", base, *bridge_discovery(base=base, prefix=prefix, version="0.1.0")
-        for iccid in ICCIDS:
-            for name, state in STATES.items():
-                topic, payload = esim_discovery(
-                    iccid, state, base=base, prefix=prefix, version="0.1.0"
-                )
-                yield f"{iccid}/{name}@{base}", base, topic, payload
+        for provider in (False, True):
+            how = "+provider" if provider else ""
+            yield f"bridge{how}@{base}", base, *bridge_discovery(
+                base=base, prefix=prefix, version="0.1.0", provider=provider
+            )
+            for iccid in ICCIDS:
+                for name, state in STATES.items():
+                    topic, payload = esim_discovery(
+                        iccid, state, base=base, prefix=prefix, version="0.1.0",
+                        provider=provider,
+                    )
+                    yield f"{iccid}/{name}{how}@{base}", base, topic, payload
 
 
 PAYLOADS = list(all_payloads())
@@ -481,7 +499,9 @@ def check_sensor(cid: str, comp: dict[str, Any], examples: list[str]) -> None:
             assert state_class in DEVICE_CLASS_STATE_CLASSES[device_class], (
                 f"{cid}: state class {state_class!r} with device class {device_class!r}"
             )
-        if device_class not in NON_NUMERIC_DEVICE_CLASSES:
+        if device_class == "monetary":
+            assert isinstance(unit, str) and CURRENCY_CODE.fullmatch(unit), f"{cid}: {unit!r}"
+        elif device_class not in NON_NUMERIC_DEVICE_CLASSES:
             assert device_class in DEVICE_CLASS_UNITS, f"{cid}: unit rule not encoded"
             assert unit in DEVICE_CLASS_UNITS[device_class], f"{cid}: unit {unit!r}"
 
@@ -672,6 +692,67 @@ MUTATIONS = {
     "unknown device key": _set("dev.firmware", "1"),
     "only a platform": _set("cmps.eid", {"p": "sensor"}),
 }
+
+
+PROVIDER_MUTATIONS = {
+    "monetary with measurement": _set("cmps.balance.state_class", "measurement"),
+    "monetary with total_increasing": _set("cmps.balance.state_class", "total_increasing"),
+    "monetary without a currency": _set("cmps.balance.unit_of_measurement", _DELETE),
+    "monetary in a symbol": _set("cmps.balance.unit_of_measurement", "$"),
+    "provider enum without options": _set("cmps.provider.options", _DELETE),
+    "provider enum missing a value": _set("cmps.provider.options", ["ok", "error"]),
+    "provider enum with a unit": _set("cmps.provider.unit_of_measurement", "x"),
+    "last sync with a unit": _set("cmps.last_sync.unit_of_measurement", "s"),
+    "last sync with state_class": _set("cmps.last_sync.state_class", "measurement"),
+    "last sync as config": _set("cmps.last_sync.entity_category", "system"),
+    "balance on a topic of no one": _set("cmps.balance.state_topic", "esim/bridge/credit"),
+}
+
+
+def test_monetary_with_total_passes() -> None:
+    """The one state class Home Assistant allows with `monetary`: the rule is not just
+    "no state class"."""
+    topic, payload = bridge_discovery(base="esim", prefix="ha", version="0", provider=True)
+    cfg = msgspec.json.decode(payload)
+    cfg["cmps"]["balance"]["state_class"] = "total"
+    check_payload("esim", topic, msgspec.json.encode(cfg))
+
+
+@pytest.mark.parametrize("mutation", PROVIDER_MUTATIONS.values(), ids=PROVIDER_MUTATIONS.keys())
+def test_the_checker_catches_what_home_assistant_rejects_of_the_provider_entities(
+    mutation: Callable[[dict[str, Any]], None],
+) -> None:
+    topic, payload = bridge_discovery(
+        base="esim", prefix="homeassistant", version="0.1.0", provider=True
+    )
+    check_payload("esim", topic, payload)
+    cfg = msgspec.json.decode(payload)
+    mutation(cfg)
+    with pytest.raises(AssertionError):
+        check_payload("esim", topic, msgspec.json.encode(cfg))
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("cmps.activated_at.state_class", "measurement"),
+        ("cmps.activated_at.unit_of_measurement", "s"),
+        ("cmps.package.state_class", "measurement"),
+        ("cmps.package.state_topic", "esim/8943108170001029631/qr_code_url"),
+    ],
+)
+def test_the_checker_catches_what_home_assistant_rejects_of_the_esim_provider_entities(
+    path: str, value: object
+) -> None:
+    topic, payload = esim_discovery(
+        ICCIDS[0], STATES["full"], base="esim", prefix="homeassistant", version="0.1.0",
+        provider=True,
+    )
+    check_payload("esim", topic, payload)
+    cfg = msgspec.json.decode(payload)
+    _set(path, value)(cfg)
+    with pytest.raises(AssertionError):
+        check_payload("esim", topic, msgspec.json.encode(cfg))
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS.values(), ids=MUTATIONS.keys())

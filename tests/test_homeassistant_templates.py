@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.homeassistant import (
     ESIM_STATUSES,
+    PROVIDER_STATES,
     SMDP_STATUSES,
     bridge_discovery,
     esim_discovery,
@@ -35,6 +36,9 @@ ESIM = json.loads(
     esim_discovery("8943108170001029631", {}, base="esim", prefix="homeassistant", version="0")[1]
 )["cmps"]
 BRIDGE = json.loads(bridge_discovery(base="esim", prefix="homeassistant", version="0")[1])["cmps"]
+WITH_PROVIDER = json.loads(
+    bridge_discovery(base="esim", prefix="homeassistant", version="0", provider=True)[1]
+)["cmps"]
 
 
 def render(template: str, payload: bytes) -> str:
@@ -55,7 +59,7 @@ def test_enum_sensors_pass_known_values_and_make_the_rest_unknown(
     assert ESIM[key]["options"] == list(known)
     for value in known:
         assert render(template, value.encode()) == value
-    for value in ("SUSPENDED", "in_use", "", "IN_USE ", '{"a": 1}', "None"):
+    for value in ("SOMETHING_NEW", "in_use", "", "IN_USE ", '{"a": 1}', "None"):
         assert render(template, value.encode()) == "None", value
 
 
@@ -110,3 +114,25 @@ def test_bridge_counters_come_from_bridge_info(key: str) -> None:
     as_text = json.dumps({"counts": {key: "12"}}).encode()
     for payload in (b'{"counts": {}}', b'{"counts": 3}', as_text, b"garbage"):
         assert render(template, payload) == "None", payload
+
+
+def test_the_provider_state_passes_its_four_values_and_makes_the_rest_unknown() -> None:
+    template = WITH_PROVIDER["provider"]["value_template"]
+    assert WITH_PROVIDER["provider"]["options"] == list(PROVIDER_STATES)
+    for value in ("ok", "unauthorized", "unreachable", "error"):
+        assert render(template, value.encode()) == value
+    for value in ("OK", "rate_limited", "", "ok ", "None", '{"state": "ok"}'):
+        assert render(template, value.encode()) == "None", value
+
+
+def test_the_other_provider_entities_take_their_payload_as_it_is() -> None:
+    """Balance, last sync, package and activation time: plain values, no template."""
+    esim = json.loads(
+        esim_discovery(
+            "8943108170001029631", {}, base="esim", prefix="homeassistant", version="0",
+            provider=True,
+        )[1]
+    )["cmps"]
+    for comp in (WITH_PROVIDER["balance"], WITH_PROVIDER["last_sync"], esim["package"],
+                 esim["activated_at"]):
+        assert "value_template" not in comp
