@@ -67,9 +67,10 @@ class Services:
     def build(cls, config: Config) -> Services:
         topics = Topics(config.mqtt.base_topic)
         ha = config.homeassistant
-        extension = (
-            HomeAssistant(topics, prefix=ha.prefix, version=__version__) if ha.discovery else None
-        )
+        extension = HomeAssistant(
+            topics, prefix=ha.prefix, version=__version__,
+            provider=bool(config.provider.access_code),  # its entities, with the provider
+        ) if ha.discovery else None
         broker = EmbeddedBroker(config.mqtt.embedded_listen) if config.mqtt.url is None else None
         path = Path(config.store.path)
         store = Store(

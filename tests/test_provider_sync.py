@@ -76,6 +76,12 @@ def test_every_esim_of_the_account_appears_after_start(
     assert held[f"esim/{one}/status"] == b"GOT_RESOURCE"
     assert held["esim/bridge/provider"] == b"ok"
     assert held["esim/bridge/balance"] == b"94.00"
+    # Home Assistant gets the provider's entities on both devices
+    esim_config = json.loads(held[f"homeassistant/device/esim_{one}/config"])
+    assert {"package", "activated_at"} <= set(esim_config["cmps"])
+    assert esim_config["cmps"]["package"]["state_topic"] == f"esim/{one}/package"
+    bridge_config = json.loads(held["homeassistant/device/esim_bridge/config"])
+    assert {"balance", "provider", "last_sync"} <= set(bridge_config["cmps"])
 
 
 def test_secrets_and_activation_data_appear_nowhere(
