@@ -47,10 +47,10 @@ JSON = "application/json"
 class Services:
     """The bridge's resources, built with the app and started by its lifespans, one each,
     in the order data flows: the embedded broker (when no mqtt.url is set), the store
-    (with its committer and maintenance), the publisher, `bridge/info`. Shutting down
-    runs that order backwards, so the publisher can still drain the outbox and say
-    `offline` before the store closes. A route holds what it needs from the start: the
-    committer answers 503 until the store is open."""
+    (with its committer and maintenance), the provider's sync (when configured), the
+    publisher, `bridge/info`. Shutting down runs that order backwards, so the publisher
+    can still drain the outbox and say `offline` before the store closes. A route holds
+    what it needs from the start: the committer answers 503 until the store is open."""
 
     config: Config
     topics: Topics
@@ -91,6 +91,7 @@ class Services:
                 qos=config.mqtt.qos,
                 keepalive=config.mqtt.keepalive,
                 birth_topic=birth_topic(ha.prefix),
+                commands=[topics.refresh_commands] if config.provider.access_code else [],
                 log_level=config.log.level.upper(),
             )
         )
@@ -174,8 +175,8 @@ def create_app(config: Config) -> Litestar:
         lifespan=[
             partial(_embedded_broker, services),
             partial(_store, services),
+            partial(_provider_sync, services),  # before the publisher: it hears commands
             partial(_publisher, services),
-            partial(_provider_sync, services),
             partial(_bridge_info, services),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
@@ -267,6 +268,14 @@ async def _provider_sync(services: Services, app: Litestar) -> AsyncIterator[Non
                 sync.order_ready(order_no)
 
         services.committer.on_commit(orders_ready)
+        loop = asyncio.get_running_loop()
+
+        def command(topic: str, payload: bytes) -> None:  # on the publisher's status thread
+            target = services.topics.refreshed(topic)
+            if target is not None:
+                loop.call_soon_threadsafe(sync.refresh, target)
+
+        services.publisher.on_command(command)
         task = asyncio.create_task(sync.run())
         try:
             yield

@@ -251,6 +251,17 @@ def esim_discovery(
             "Activated",
             {"device_class": "timestamp", "icon": "mdi:calendar-check"},
         )
+        # Never retained: a retained press would come again on every reconnect.
+        cmps["refresh"] = {
+            "p": "button",
+            "name": "Refresh",
+            "unique_id": f"{uid}_refresh",
+            "command_topic": topics.esim(iccid, "refresh"),
+            "payload_press": "PRESS",
+            "retain": False,
+            "icon": "mdi:refresh",
+            **avail,
+        }
     device: Config = {
         "identifiers": [uid],
         "name": f"eSIM …{iccid[-4:]}",

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -100,6 +101,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     qos: int = 1
     keepalive: int = 30
     birth_topic: str | None = None
+    # Topic filters whose (not retained) messages are commands for the webhook process:
+    # passed on to it as they come, never interpreted here.
+    commands: list[str] = msgspec.field(default_factory=list)
     # Messages in flight. A local broker's PUBACK is back well within a millisecond, so
     # 300 keep the pipe full; each costs ~3.5 KB in paho (the message, and its info with
     # a Condition): a window of 1,000 raised this process's peak memory by 2.5 MB.
@@ -107,13 +111,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
 
 
-class Status(msgspec.Struct):
+class Status(msgspec.Struct, tag="status"):
     """What the publisher tells the webhook process, one JSON line at a time."""
 
     connected: bool = False
     published: int = 0
     error: str | None = None
 
+
+class Command(msgspec.Struct, tag="command"):
+    """A message that came on one of `Settings.commands`, passed on to the parent."""
+
+    topic: str
+    payload: bytes
+
+
+Line = Status | Command
 
 class StatusWriter:
     """Writes `Status` lines to the parent (one writer now; the lock keeps it safe for more)."""
@@ -143,7 +156,14 @@ class StatusWriter:
             line = msgspec.json.encode(status) + b"\n"
             self._sent = msgspec.structs.replace(status)
             self._sent_at = time.monotonic()
-        with contextlib.suppress(OSError, ValueError):
+        self._write(line)
+
+    def command(self, topic: str, payload: bytes) -> None:
+        """Pass a command on at once."""
+        self._write(msgspec.json.encode(Command(topic, payload)) + b"\n")
+
+    def _write(self, line: bytes) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):
             self._out.write(line)
             self._out.flush()
 
@@ -217,6 +237,7 @@ class Publisher:
 
         from bridge.mqttclient import BufferedClient, write_later
 
+        self._matches = mqtt.topic_matches_sub
         client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -266,6 +287,8 @@ class Publisher:
             self.client.queue_again(mid, packet)
         if self.settings.birth_topic is not None:
             client.subscribe(self.settings.birth_topic, qos=1)
+        for topic_filter in self.settings.commands:
+            client.subscribe(topic_filter, qos=1)
         self._snapshot_at = time.monotonic()  # `online` first, then every retained message
         self._wake.set()
 
@@ -290,6 +313,12 @@ class Publisher:
             log.info("Home Assistant is online: republishing discovery and state in %.1fs", delay)
             self._snapshot_at = time.monotonic() + delay
             self._wake.set()
+            return
+        # a retained command would come again on every reconnect: only live ones count
+        if not message.retain and any(
+            self._matches(pattern, message.topic) for pattern in self.settings.commands
+        ):
+            self.status.command(message.topic, bytes(message.payload))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -557,6 +586,11 @@ class PublisherProcess:
         self._pokes = os.pipe()
         os.set_blocking(self._pokes[1], False)
         self._poke_lock = threading.Lock()  # poke() against closing the pipe in stop()
+        self._commands: list[Callable[[str, bytes], None]] = []
+
+    def on_command(self, listener: Callable[[str, bytes], None]) -> None:
+        """Call `listener(topic, payload)` (on a thread of its own) for each command."""
+        self._commands.append(listener)
 
     def start(self) -> None:
         with self._lock:
@@ -585,10 +619,17 @@ class PublisherProcess:
         unless we are stopping."""
         assert proc.stdout is not None
         started = time.monotonic()
-        decoder = msgspec.json.Decoder(Status)
+        decoder = msgspec.json.Decoder(Line)
         for line in proc.stdout:
-            with contextlib.suppress(msgspec.DecodeError):
-                self.status = decoder.decode(line)
+            try:
+                said = decoder.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(said, Command):
+                for listener in self._commands:
+                    listener(said.topic, said.payload)
+            else:
+                self.status = said
         code = proc.wait()
         error = f"the publisher process exited ({code}); see the log"
         self.status = Status(published=self.status.published, error=error)

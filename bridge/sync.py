@@ -31,6 +31,7 @@ from bridge.topics import Reading, Topics, Value, iso
 log = logging.getLogger("bridge.sync")
 
 CHUNK = 50  # readings per transaction: a sync of thousands never holds webhooks up long
+REFRESH_EVERY = 60.0  # s: a refresh command is taken at most this often, per eSIM and in all
 RETRY = (60.0, 3600.0)  # s: after a failed round, the first wait, and the longest
 
 
@@ -85,10 +86,43 @@ class Sync:
         self.synced = asyncio.Event()  # set after the first complete sync
         self._orders: asyncio.Queue[str] = asyncio.Queue()
         self._status: str | None = None
+        self._refreshed: dict[str, float] = {}  # what a refresh named -> when (monotonic)
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     def order_ready(self, order_no: str) -> None:
         """An ORDER_STATUS GOT_RESOURCE was stored: read that order's profiles soon."""
         self._orders.put_nowait(order_no)
+
+    def refresh(self, target: str) -> None:
+        """A refresh command for an iccid, or `bridge` for everything: read it again now,
+        unless the same was read on a command less than a minute ago (a button pressed
+        in a hurry, an automation in a loop: the provider allows 8 calls a second)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._refreshed.get(target, -REFRESH_EVERY) < REFRESH_EVERY:
+            log.info("refresh of %s ignored: the last one was less than a minute ago", target)
+            return
+        self._refreshed[target] = now
+        work = self.refresh_all if target == "bridge" else partial(self.refresh_esim, target)
+        task = asyncio.create_task(self._attempt(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def refresh_all(self) -> None:
+        await self.sync_all()
+        await self.poll_usage()
+
+    async def refresh_esim(self, iccid: str) -> None:
+        """One eSIM's profile, and its data used if it is in use."""
+        profile = await self.client.profile(iccid)
+        reading = profile_reading(profile) if profile is not None else None
+        if reading is None:
+            log.info("refresh of %s: the provider's API does not list it", iccid)
+            return
+        await self._store([reading])
+        if profile is not None and profile.esim_status == "IN_USE" and profile.esim_tran_no:
+            usages = await self.client.usage([profile.esim_tran_no])
+            found = [r for r in (usage_reading(iccid, u) for u in usages) if r is not None]
+            await self._store(found)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:

@@ -83,6 +83,21 @@ class Topics:
     def order_status(self, order_no: str) -> str:
         return f"{self.base}/order/{order_no}/status"
 
+    @property
+    def refresh_commands(self) -> str:
+        """`<base>/<iccid>/refresh` and `<base>/bridge/refresh`: read again now."""
+        return f"{self.base}/+/refresh"
+
+    def refreshed(self, topic: str) -> str | None:
+        """What a refresh command names: an iccid, `bridge` (everything), or None when the
+        topic is not one (or its iccid could not be an eSIM's)."""
+        level = topic.removeprefix(f"{self.base}/").removesuffix("/refresh")
+        if f"{self.base}/{level}/refresh" != topic:
+            return None
+        if level == BRIDGE.kind or iccid_problem(level) is None:
+            return level
+        return None
+
     def order_esims(self, order_no: str) -> str:
         """`<base>/order/<orderNo>/esims`: the JSON list of that order's iccids."""
         return f"{self.base}/order/{order_no}/esims"

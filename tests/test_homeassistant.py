@@ -332,7 +332,7 @@ def test_connectivity_shows_offline_instead_of_going_unavailable() -> None:
 BRIDGE_BEFORE_PROVIDER = "31378a68f2ec3b5d4a10320f930584bff62223a9cafcff2b1b1506bde634036f"
 BRIDGE_COMPONENTS = ["connectivity", "last_health_check", "webhooks_received", "outbox_backlog"]
 PROVIDER_BRIDGE_COMPONENTS = ["balance", "provider", "last_sync"]
-PROVIDER_ESIM_COMPONENTS = {"package": "sensor", "activated_at": "sensor"}
+PROVIDER_ESIM_COMPONENTS = {"package": "sensor", "activated_at": "sensor", "refresh": "button"}
 
 
 def bridge(*, provider: bool, base: str = BASE) -> tuple[str, bytes]:
@@ -377,6 +377,8 @@ def test_a_provider_adds_package_and_activated_to_each_esim() -> None:
     assert {k: v for k, v in after.items() if k in before} == before
     assert after["package"]["unique_id"] == f"esim_{ICCID}_package"
     assert after["activated_at"]["unique_id"] == f"esim_{ICCID}_activated_at"
+    refresh = after["refresh"]
+    assert refresh["command_topic"] == f"{BASE}/{ICCID}/refresh" and refresh["retain"] is False
 
 
 def test_provider_configs_are_deterministic() -> None:

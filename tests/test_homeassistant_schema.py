@@ -202,11 +202,16 @@ PLATFORM_KEYS: dict[str, set[str]] = {
         "payload_on",
     },
     "event": RO_KEYS | ENTITY_COMMON_KEYS | {"device_class", "name", "event_types"},
+    # mqtt/button.py PLATFORM_SCHEMA_MODERN: MQTT_BASE_SCHEMA and the button's own keys
+    "button": {"qos", "encoding"}
+    | ENTITY_COMMON_KEYS
+    | {"command_template", "command_topic", "device_class", "name", "payload_press", "retain"},
 }
 PLATFORM_REQUIRED: dict[str, set[str]] = {
     "sensor": {"state_topic"},
     "binary_sensor": {"state_topic"},
     "event": {"state_topic", "event_types"},
+    "button": {"command_topic"},
 }
 
 # sensor/const.py SensorDeviceClass
@@ -454,7 +459,8 @@ def check_common(cid: str, comp: dict[str, Any], platform: str) -> None:
     allowed, required = PLATFORM_KEYS[platform], PLATFORM_REQUIRED[platform]
     assert set(comp) <= allowed, f"{cid}: keys HA would drop: {sorted(set(comp) - allowed)}"
     assert required <= set(comp), f"{cid}: missing {sorted(required - set(comp))}"
-    assert valid_subscribe_topic(comp["state_topic"]), f"{cid}: bad state_topic"
+    if "state_topic" in comp:
+        assert valid_subscribe_topic(comp["state_topic"]), f"{cid}: bad state_topic"
     assert isinstance(comp.get("unique_id"), str) and comp["unique_id"], f"{cid}: no unique_id"
     assert isinstance(comp.get("name"), str) and comp["name"], (
         f"{cid}: has_entity_name needs a name"
@@ -557,6 +563,17 @@ def topic_examples(base: str, state_topic: str) -> list[str]:
     return ESIM_TOPIC_EXAMPLES[key]
 
 
+def check_button(cid: str, comp: dict[str, Any]) -> None:
+    """mqtt/button.py: command_topic a valid publish topic (util.valid_publish_topic: no
+    wildcards), retain a boolean, device_class one of ButtonDeviceClass. Ours besides: never
+    retained (CONTRACT.md: a retained press would fire again on every reconnect)."""
+    topic = comp["command_topic"]
+    assert isinstance(topic, str) and topic and not {"+", "#"} & set(topic), f"{cid}: topic"
+    assert comp.get("retain", False) is False, f"{cid}: a button's command must not be retained"
+    assert comp.get("device_class") in (None, "identify", "restart", "update"), cid
+    assert isinstance(comp.get("payload_press", "PRESS"), str), cid
+
+
 def check_payload(base: str, topic: str, payload: bytes) -> None:
     """Everything Home Assistant checks before it creates the device's entities."""
     prefix, _, rest = topic.partition("/device/")
@@ -578,15 +595,16 @@ def check_payload(base: str, topic: str, payload: bytes) -> None:
     for cid, comp in components(payload).items():
         platform = comp.pop("platform")
         check_common(cid, comp, platform)
-        examples = topic_examples(base, comp["state_topic"])
-        if platform == "sensor":
-            check_sensor(cid, comp, examples)
+        if platform == "button":
+            check_button(cid, comp)
+        elif platform == "sensor":
+            check_sensor(cid, comp, topic_examples(base, comp["state_topic"]))
         elif platform == "binary_sensor":
-            check_binary_sensor(cid, comp, examples)
+            check_binary_sensor(cid, comp, topic_examples(base, comp["state_topic"]))
         else:
             check_event(cid, comp)
         # Unavailable with the bridge, except the entity that shows the bridge itself.
-        if comp["state_topic"] == f"{base}/bridge/state":
+        if comp.get("state_topic") == f"{base}/bridge/state":
             assert not AVAILABILITY_KEYS & set(comp), f"{cid}: would hide 'offline'"
         else:
             assert comp.get("availability_topic") == f"{base}/bridge/state", f"{cid}: availability"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.publish as publish
 import pytest
 
 from tests.brokers import Mosquitto
@@ -266,3 +267,46 @@ def test_a_hanging_provider_leaves_webhook_answers_as_fast(
     finally:
         hanging.stop()
     assert with_hanging < 2 * without + 0.002, (with_hanging, without)
+
+
+def queries(standin: ProviderStandin, **criteria: str) -> int:
+    return sum(1 for r in list(standin.requests) if r.path == "esim/query"
+               and all(r.json().get(k) == v for k, v in criteria.items()))
+
+
+def test_refresh_commands_read_again_at_most_once_a_minute(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """`<base>/<iccid>/refresh` reads that eSIM's profile now (the Refresh button),
+    `<base>/bridge/refresh` everything; a second press within the minute reads nothing,
+    and so does a press left retained (it would come again on every reconnect)."""
+    # left retained by someone: the bridge finds it on subscribing, and must not act on it
+    publish.single(f"esim/{iccid(3)}/refresh", "PRESS", hostname="127.0.0.1",
+                   port=mosquitto.port, retain=True)
+    bridge = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    one = iccid(2)
+    try:
+        wait_retained(mosquitto.port, {"esim/bridge/last_sync"})
+        standin.profiles[1]["esimStatus"] = "IN_USE"  # changed at the provider meanwhile
+        publish.single(f"esim/{one}/refresh", "PRESS", hostname="127.0.0.1",
+                       port=mosquitto.port)
+        wait_until(lambda: queries(standin, iccid=one) == 1, "the eSIM's profile read", 15)
+        held = wait_until_value(mosquitto.port, f"esim/{one}/status", b"IN_USE")
+        assert held == b"IN_USE"
+        balances = standin.paths().count("balance/query")
+        publish.single(f"esim/{one}/refresh", "PRESS", hostname="127.0.0.1",
+                       port=mosquitto.port)  # within the minute
+        publish.single("esim/bridge/refresh", "", hostname="127.0.0.1", port=mosquitto.port)
+        wait_until(lambda: standin.paths().count("balance/query") == balances + 1,
+                   "a full sync", 15)
+        wait_until(lambda: "esim/usage/query" in standin.paths()[-3:], "its usage poll", 15)
+    finally:
+        bridge.stop()
+    assert queries(standin, iccid=one) == 1
+    assert queries(standin, iccid=iccid(3)) == 0
+
+
+def wait_until_value(port: int, topic: str, payload: bytes, timeout: float = 15.0) -> bytes:
+    wait_until(lambda: retained(port, topic, wait=0.3).get(topic) == payload,
+               f"{topic} = {payload!r}", timeout)
+    return payload
