@@ -70,6 +70,7 @@ class Services:
         extension = HomeAssistant(
             topics, prefix=ha.prefix, version=__version__,
             provider=bool(config.provider.access_code),  # its entities, with the provider
+            forget_ended_days=ha.forget_ended_days,
         ) if ha.discovery else None
         broker = EmbeddedBroker(config.mqtt.embedded_listen) if config.mqtt.url is None else None
         path = Path(config.store.path)
@@ -80,6 +81,7 @@ class Services:
             max_outbox=config.store.max_outbox,
             synchronous=config.store.synchronous,
             homeassistant=extension,
+            keep_activation=config.provider.publish_activation,
         )
         publisher = PublisherProcess(
             Settings(
@@ -178,6 +180,7 @@ def create_app(config: Config) -> Litestar:
             partial(_provider_sync, services),  # before the publisher: it hears commands
             partial(_publisher, services),
             partial(_bridge_info, services),
+            partial(_forget_ended, services),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         openapi_config=OpenAPIConfig(title="esim-bridge", version=__version__, path="/schema"),
@@ -292,6 +295,27 @@ async def _bridge_info(services: Services, app: Litestar) -> AsyncIterator[None]
     # straight into some webhook's acknowledgement). Frozen, only new objects are.
     gc.freeze()
     task = asyncio.create_task(_publish_info(services))
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+FORGET_EVERY = 3600.0  # s between looks for eSIMs Home Assistant should forget by now
+
+
+@asynccontextmanager
+async def _forget_ended(services: Services, app: Litestar) -> AsyncIterator[None]:
+    """Days pass without events: look every hour for eSIMs that ended
+    homeassistant.forget_ended_days ago (the resync at start looked already)."""
+
+    async def forget() -> None:
+        while True:
+            await asyncio.sleep(FORGET_EVERY)
+            with contextlib.suppress(StoreUnavailable):  # logged; the next hour tries again
+                await services.committer.forget()
+
+    task = asyncio.create_task(forget())
     try:
         yield
     finally:

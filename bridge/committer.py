@@ -27,6 +27,7 @@ from bridge.outbox import Message
 from bridge.store import (
     Accepted,
     Batch,
+    Forget,
     Outcome,
     Post,
     Resync,
@@ -89,6 +90,9 @@ class Committer:
 
     async def resync(self) -> int:
         return cast(int, await self.submit(Resync()))
+
+    async def forget(self) -> int:
+        return cast(int, await self.submit(Forget()))
 
     # -- batching -----------------------------------------------------------------------------
 

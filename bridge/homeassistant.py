@@ -26,7 +26,7 @@ import msgspec
 
 from bridge.models import KNOWN_TYPES
 from bridge.outbox import Message
-from bridge.topics import Entity, Record, Topics
+from bridge.topics import Entity, Record, Topics, ended_since
 
 __all__ = [
     "ESIM_STATUSES",
@@ -102,12 +102,14 @@ class HomeAssistant:
     OWNER: Final = "homeassistant"  # of its rows in the table of retained topics
 
     def __init__(
-        self, topics: Topics, *, prefix: str, version: str, provider: bool = False
+        self, topics: Topics, *, prefix: str, version: str, provider: bool = False,
+        forget_ended_days: float = 30,
     ) -> None:
         self.topics = topics
         self.prefix = prefix
         self.version = version
         self.provider = provider
+        self.forget_after = forget_ended_days * 86400.0
 
     def bridge(self) -> list[Message]:
         """The bridge's own device."""
@@ -117,15 +119,25 @@ class HomeAssistant:
         )
         return [Message(topic, payload, True)]
 
-    def entity(self, entity: Entity, record: Record) -> list[Message]:
-        """The configs an entity's state gives: a device per eSIM, none for the rest."""
-        if entity.kind != "esim":
+    def entity(self, entity: Entity, record: Record, now: float) -> list[Message]:
+        """The configs an entity's state gives at `now`: a device per eSIM, none for the
+        rest, nor for an eSIM that ended `homeassistant.forget_ended_days` ago (its
+        retained topics stay; only Home Assistant forgets it)."""
+        if entity.kind != "esim" or self.forgotten(record, now):
             return []
         topic, payload = esim_discovery(
             entity.name, record.fields, base=self.topics.base, prefix=self.prefix,
             version=self.version, provider=self.provider,
         )
         return [Message(topic, payload, True)]
+
+    def config_topic(self, entity: Entity) -> str:
+        """Where an eSIM's device config is (an empty retained payload removes it)."""
+        return esim_discovery_topic(entity.name, prefix=self.prefix)
+
+    def forgotten(self, record: Record, now: float) -> bool:
+        ended = ended_since(record)
+        return ended is not None and now - ended >= self.forget_after
 
     @staticmethod
     def changes(prior: Record | None, record: Record) -> bool:
@@ -156,7 +168,7 @@ def bridge_discovery_topic(*, prefix: str) -> str:
 # The state fields an eSIM's config is made from: with these equal, so is the config
 # (for the same iccid and settings), so an event that changes none of them needs no look
 # at discovery at all. `esim_discovery` reads no other field; a test holds it to that.
-ESIM_CONFIG_FIELDS: Final = ("validity_unit",)
+ESIM_CONFIG_FIELDS: Final = ("validity_unit", "qr_code_url")
 
 
 def esim_config_inputs(state: Mapping[str, object]) -> tuple[object, ...]:
@@ -175,7 +187,8 @@ def esim_discovery(
 ) -> tuple[str, bytes]:
     """(topic, retained payload) of the device-based discovery config for one eSIM; of
     `state` it reads only ESIM_CONFIG_FIELDS. With `provider`, also the entities only the
-    provider's API feeds (package, activated)."""
+    provider's API feeds (package, activated, the Refresh button), and the QR code image
+    while the state has its URL (only with provider.publish_activation)."""
     topic = esim_discovery_topic(iccid, prefix=prefix)
     topics = Topics(base)
     uid = f"esim_{iccid}"
@@ -262,6 +275,17 @@ def esim_discovery(
             "icon": "mdi:refresh",
             **avail,
         }
+        # Only while its URL topic holds one: Home Assistant errs on an empty URL, so the
+        # image leaves the config before the topic is cleared (the store sends in order).
+        if state.get("qr_code_url"):
+            cmps["qr_code"] = {
+                "p": "image",
+                "name": "QR code",
+                "unique_id": f"{uid}_qr_code",
+                "url_topic": topics.esim(iccid, "qr_code_url"),
+                "icon": "mdi:qrcode",
+                **avail,
+            }
     device: Config = {
         "identifiers": [uid],
         "name": f"eSIM …{iccid[-4:]}",

@@ -109,7 +109,13 @@ class Poll:
     order_no: str | None = None
 
 
-Write = Webhook | Post | Resync | Poll
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Remove from Home Assistant the eSIMs that ended `homeassistant.forget_ended_days`
+    ago (days pass without events: the app asks hourly). Its outcome: configs cleared."""
+
+
+Write = Webhook | Post | Resync | Poll | Forget
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,7 @@ class Store:
         max_outbox: int = 1_000_000,
         synchronous: str = "full",
         homeassistant: HomeAssistant | None = None,
+        keep_activation: bool = False,
     ) -> None:
         self.path = path
         self.topics = topics
@@ -163,6 +170,7 @@ class Store:
         self.max_outbox = max_outbox
         self.synchronous = synchronous
         self.homeassistant = homeassistant
+        self.keep_activation = keep_activation  # provider.publish_activation: the QR code
         self.esims = 0
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -260,6 +268,8 @@ class Store:
                     outcome = self._post(conn, write, batch)
                 elif isinstance(write, Poll):
                     outcome = self._poll(conn, write, batch)
+                elif isinstance(write, Forget):
+                    outcome = self._forget(conn, batch)
                 else:
                     outcome = self._resync(conn, batch)
             except sqlite3.Error:
@@ -301,7 +311,7 @@ class Store:
         entity = to.entity
         prior = None if entity is None else self._record(conn, entity, batch)
         plan = topics.plan(to, decoded, write.body, prior, write.received_at, self.topics)
-        count = self._change(conn, entity, prior, plan, batch, seen=(key, now))
+        count = self._change(conn, entity, prior, plan, batch, now, seen=(key, now))
         if entity is not None and entity.kind == "order" and plan.record is not None and (
             plan.record.fields.get("order_status") == "GOT_RESOURCE"
             and any(m.retain for m in plan.messages)
@@ -320,7 +330,7 @@ class Store:
             entity = Entity("esim", reading.iccid)
             prior = self._record(conn, entity, batch)
             plan = topics.plan_reading(reading, prior, at, self.topics)
-            count += self._change(conn, entity, prior, plan, batch)
+            count += self._change(conn, entity, prior, plan, batch, at)
             iccids.append(reading.iccid)
         if write.order_no is not None and topics.SEGMENT.match(write.order_no):
             message = Message(self.topics.order_esims(write.order_no),
@@ -337,6 +347,7 @@ class Store:
         prior: Record | None,
         plan: topics.Plan,
         batch: Batch,
+        now: float,
         seen: tuple[str, float] | None = None,
     ) -> int:
         """Write what a plan changes: the entity's record, its retained topics, its
@@ -348,7 +359,7 @@ class Store:
         if changed:
             assert entity is not None and plan.record is not None
             blob = _record_encoder.encode(plan.record)
-            configs, cleared = self._beside(conn, batch, entity, prior, plan)
+            configs, cleared = self._beside(conn, batch, entity, prior, plan, now)
 
         # writes from here on
         if seen is not None:
@@ -368,23 +379,44 @@ class Store:
 
     def _beside(
         self, conn: sqlite3.Connection, batch: Batch, entity: Entity, prior: Record | None,
-        plan: topics.Plan,
+        plan: topics.Plan, now: float,
     ) -> tuple[list[Message], list[Message]]:
         """What an event changes besides its own messages: the entity's discovery configs
         that changed (made only when their inputs may have: an eSIM's config is 5 KB of
-        JSON), and, when its iccid went to another eSIM, the earlier eSIM's retained
-        topics that the new one does not set (cleared)."""
+        JSON), a config no longer wanted (an eSIM Home Assistant forgets), and, when its
+        iccid went to another eSIM, the earlier eSIM's retained topics that the new one
+        does not set. Returns (to send, to clear)."""
         assert plan.record is not None
         ha = self.homeassistant
-        configs = []
+        configs: list[Message] = []
+        unwanted: list[str] = []
         if ha is not None and (plan.reused or ha.changes(prior, plan.record)):
-            configs = ha.entity(entity, plan.record)
-        if not plan.reused:
-            return self._changed(conn, batch, entity.key, configs), []
-        keep = {m.topic for m in configs} | {m.topic for m in plan.messages}
-        cleared = [Message(t, b"", True) for t in self._held(conn, batch, entity.key)
-                   if t not in keep]
+            configs = ha.entity(entity, plan.record, now)
+            if not configs and entity.kind == "esim":
+                unwanted.append(ha.config_topic(entity))
+        if plan.reused:
+            keep = {m.topic for m in configs} | {m.topic for m in plan.messages}
+            unwanted += [t for t in self._held(conn, batch, entity.key) if t not in keep]
+        cleared = [Message(t, b"", True) for t in dict.fromkeys(unwanted)
+                   if self._payload(conn, batch, entity.key, t)]
         return self._changed(conn, batch, entity.key, configs), cleared
+
+    def _forget(self, conn: sqlite3.Connection, batch: Batch) -> int:
+        """Clear the discovery config of every eSIM Home Assistant should forget by now."""
+        ha, now = self.homeassistant, time.time()
+        if ha is None:
+            return 0
+        cleared = []
+        rows = conn.execute("SELECT key, record FROM entity WHERE key LIKE 'esim:%'").fetchall()
+        for key, blob in rows:
+            if not ha.forgotten(_record_decoder.decode(blob), now):
+                continue
+            topic = ha.config_topic(Entity.parse(key))
+            if self._payload(conn, batch, key, topic):  # not cleared yet
+                cleared.append(Message(topic, b"", True))
+                self._keep(batch, key, cleared[-1:])
+        batch.outbox += cleared
+        return len(cleared)
 
     def _post(self, conn: sqlite3.Connection, write: Post, batch: Batch) -> int:
         self._keep(batch, POSTED, [m for m in write.messages if m.retain])
@@ -392,15 +424,21 @@ class Store:
         return len(write.messages)
 
     def _resync(self, conn: sqlite3.Connection, batch: Batch) -> int:
-        ha = self.homeassistant
+        ha, now = self.homeassistant, time.time()
         wanted: dict[str, list[Message]] = {BRIDGE.key: ha.bridge() if ha else []}
         for key, blob in conn.execute("SELECT key, record FROM entity").fetchall():
             entity, record = Entity.parse(key), _record_decoder.decode(blob)
             if entity.kind == "esim" and topics.iccid_problem(entity.name) is not None:
                 continue  # stored by a version that did not refuse it: it has no topics
+            if not self.keep_activation and "qr_code_url" in record.fields:
+                # provider.publish_activation was turned off: the URL goes, on the broker too
+                del record.fields["qr_code_url"]
+                record.times.pop("qr_code_url", None)
+                conn.execute("INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
+                             (key, _record_encoder.encode(record)))
             messages = topics.retained(entity, record, self.topics)
             if ha is not None:
-                messages += ha.entity(entity, record)
+                messages += ha.entity(entity, record, now)
             wanted.setdefault(key, []).extend(messages)
         owners = {row[0] for row in conn.execute("SELECT DISTINCT owner FROM retained")}
         sent = 0
@@ -436,19 +474,18 @@ class Store:
         self, conn: sqlite3.Connection, batch: Batch, owner: str, messages: list[Message]
     ) -> list[Message]:
         """The messages whose payload differs from what their topic holds now."""
-        changed = []
-        for message in messages:
-            if (owner, message.topic) in batch.retained:
-                held: bytes | None = batch.retained[owner, message.topic]
-            else:
-                row = conn.execute(
-                    "SELECT payload FROM retained WHERE owner = ? AND topic = ?",
-                    (owner, message.topic),
-                ).fetchone()
-                held = None if row is None else bytes(row[0])
-            if held != message.payload:
-                changed.append(message)
-        return changed
+        return [m for m in messages if self._payload(conn, batch, owner, m.topic) != m.payload]
+
+    def _payload(
+        self, conn: sqlite3.Connection, batch: Batch, owner: str, topic: str
+    ) -> bytes | None:
+        """What a retained topic holds now (as this batch leaves it); None: nothing."""
+        if (owner, topic) in batch.retained:
+            return batch.retained[owner, topic] or None
+        row = conn.execute(
+            "SELECT payload FROM retained WHERE owner = ? AND topic = ?", (owner, topic)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def _reconcile(
         self, conn: sqlite3.Connection, batch: Batch, owner: str, wanted: list[Message]
@@ -457,8 +494,10 @@ class Store:
         is no longer wanted (an empty retained payload). Returns what it sends."""
         want = {m.topic: m.payload for m in wanted}
         held = self._held(conn, batch, owner)
-        out = [Message(topic, b"", True) for topic in sorted(held.keys() - want.keys())]
-        out += [Message(t, p, True) for t, p in want.items() if held.get(t) != p]
+        # what changed first, then the clears: an image leaves its device's config
+        # before the topic holding its URL is cleared (Home Assistant errs on an empty one)
+        out = [Message(t, p, True) for t, p in want.items() if held.get(t) != p]
+        out += [Message(topic, b"", True) for topic in sorted(held.keys() - want.keys())]
         self._keep(batch, owner, out)
         return out
 

@@ -35,8 +35,9 @@ REFRESH_EVERY = 60.0  # s: a refresh command is taken at most this often, per eS
 RETRY = (60.0, 3600.0)  # s: after a failed round, the first wait, and the longest
 
 
-def profile_reading(profile: Profile) -> Reading | None:
-    """The contract's fields of one profile; None without an iccid."""
+def profile_reading(profile: Profile, activation: bool = False) -> Reading | None:
+    """The contract's fields of one profile; None without an iccid. The QR code's URL
+    only with `activation` (provider.publish_activation): it installs the eSIM."""
     if not profile.iccid:
         return None
     found: dict[str, Value | None] = {
@@ -50,6 +51,7 @@ def profile_reading(profile: Profile) -> Reading | None:
         "validity_total": profile.total_duration,
         "validity_unit": profile.duration_unit,
         "package": profile.package,
+        "qr_code_url": profile.qr_code_url if activation else None,
     }
     data: dict[str, Value] = {}
     total, used = profile.total_volume, profile.order_usage
@@ -114,7 +116,8 @@ class Sync:
     async def refresh_esim(self, iccid: str) -> None:
         """One eSIM's profile, and its data used if it is in use."""
         profile = await self.client.profile(iccid)
-        reading = profile_reading(profile) if profile is not None else None
+        reading = (profile_reading(profile, self.settings.publish_activation)
+                   if profile is not None else None)
         if reading is None:
             log.info("refresh of %s: the provider's API does not list it", iccid)
             return
@@ -176,7 +179,7 @@ class Sync:
         seen: set[str] = set()
         chunk: list[Reading] = []
         async for profile in self.client.all_profiles():
-            reading = profile_reading(profile)
+            reading = profile_reading(profile, self.settings.publish_activation)
             # a reused ICCID is listed for each of its eSIMs, the newest first
             if reading is None or reading.iccid in seen:
                 continue
@@ -207,7 +210,8 @@ class Sync:
         """An order's profiles (the provider may need some seconds to allocate them), and
         `<base>/order/<orderNo>/esims`."""
         profiles = await self.client.profiles_of_order(order_no)
-        readings = [r for r in map(profile_reading, profiles) if r is not None]
+        activation = self.settings.publish_activation
+        readings = [r for r in (profile_reading(p, activation) for p in profiles) if r is not None]
         await self._store(readings, order_no)
         log.info("order %s: %d eSIMs", order_no, len(readings))
 

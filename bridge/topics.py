@@ -164,6 +164,8 @@ VALUE_TOPICS = {
     "validity_remaining": "validity_remaining",
     "package": "package",
     "activated_at": "activated_at",
+    # only with provider.publish_activation: whoever reads it can install the eSIM
+    "qr_code_url": "qr_code_url",
 }
 
 STATE_KEYS = (
@@ -351,6 +353,7 @@ def plan(
     record, applied = merge(prior, fields, at)
     updated = _timestamp(data.get("data_updated_at"))
     record, more = merge_data(record, data, at, updated)
+    mark_ended(record, at)
     messages = retained(to.entity, record, topics, applied + more)
     messages += [esim_event, event_topic]
     return Plan(messages, record, notice, reused=reuse == "afresh")
@@ -431,8 +434,37 @@ def plan_reading(reading: Reading, prior: Record | None, at: float, topics: Topi
     if reading.updated is None:  # a profile's counters: only where none are known yet
         data = {key: value for key, value in data.items() if key not in record.fields}
     record, more = merge_data(record, data, at, reading.updated)
+    mark_ended(record, at)
     return Plan(retained(entity, record, topics, applied + more), record,
                 reused=reuse == "afresh")
+
+
+# An eSIM with one of these statuses has ended (the API spells REVOKED as REVOKE).
+ENDED_STATUSES = frozenset({"CANCEL", "REVOKED", "REVOKE"})
+
+
+def mark_ended(record: Record, at: float) -> None:
+    """Note when an eSIM was first seen cancelled or revoked (`ended_at`, kept in the
+    record, not a state key): the days to forget it are counted from then."""
+    ended = record.fields.get("status") in ENDED_STATUSES
+    if ended and "ended_at" not in record.fields:
+        record.fields["ended_at"] = at
+        record.times["ended_at"] = at
+    elif not ended and "ended_at" in record.fields:
+        del record.fields["ended_at"]
+        del record.times["ended_at"]
+
+
+def ended_since(record: Record) -> float | None:
+    """Since when an eSIM has ended, as a timestamp: past its expiry (counted from it), or
+    cancelled or revoked (counted from when that was first seen); None while it has not.
+    An expiry still ahead is not an end yet: `forgotten` compares with now."""
+    moments = [_timestamp(record.fields.get("expires_at"))]
+    ended_at = record.fields.get("ended_at")
+    if isinstance(ended_at, float | int):
+        moments.append(float(ended_at))
+    known = [moment for moment in moments if moment is not None]
+    return min(known) if known else None
 
 
 def reused(prior: Record | None, esim_tran_no: Value | None, at: float) -> str:

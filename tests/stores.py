@@ -33,6 +33,9 @@ class Driver:
     def resync(self) -> int:
         return asyncio.run(self.committer.resync())
 
+    def forget(self) -> int:
+        return asyncio.run(self.committer.forget())
+
     def post(self, messages: list[Message]) -> int:
         return asyncio.run(self.committer.post(messages))
 
@@ -50,10 +53,11 @@ class Driver:
 @contextmanager
 def open_store(
     path: Path, *, base: str = "esim", discovery: bool = True, prefix: str = "homeassistant",
-    synchronous: str = "full",
+    synchronous: str = "full", forget_ended_days: float = 30,
 ) -> Iterator[Driver]:
     topics = Topics(base)
-    ha = HomeAssistant(topics, prefix=prefix, version=__version__) if discovery else None
+    ha = HomeAssistant(topics, prefix=prefix, version=__version__,
+                       forget_ended_days=forget_ended_days) if discovery else None
     store = Store(path, topics=topics, synchronous=synchronous, homeassistant=ha)
     store.open()
     driver = Driver(store)

@@ -465,5 +465,6 @@ def test_the_extension_passes_the_provider_setting_on() -> None:
         (*bridge(provider=True), True)
     ]
     entity = Entity("esim", ICCID)
-    assert [m.payload for m in default.entity(entity, record)] == [esim()[1]]
-    assert [m.payload for m in with_.entity(entity, record)] == [esim_with_provider()[1]]
+    now = 0.0  # long before FULL_STATE expires: not forgotten
+    assert [m.payload for m in default.entity(entity, record, now)] == [esim()[1]]
+    assert [m.payload for m in with_.entity(entity, record, now)] == [esim_with_provider()[1]]

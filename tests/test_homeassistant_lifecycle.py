@@ -48,7 +48,10 @@ def test_discovery_on_first_sight_and_only_on_change(
 
             # a change of validity unit changes the config: sent again, once
             validity = json.loads(fixture("validity_usage"))
-            validity["content"].update(iccid=ICCID, durationUnit="HOUR")
+            # (still running: the fixture's eSIM expired in 2024, long enough ago for
+            # Home Assistant to forget it, homeassistant.forget_ended_days)
+            validity["content"].update(iccid=ICCID, durationUnit="HOUR",
+                                       expiredTime="2099-01-01T00:00:00Z")
             assert bridge.post(json.dumps(validity).encode()).status == 200
             watcher.wait_count(ESIM_CONFIG, 2)
             post_sentinel(bridge, watcher)

@@ -206,12 +206,17 @@ PLATFORM_KEYS: dict[str, set[str]] = {
     "button": {"qos", "encoding"}
     | ENTITY_COMMON_KEYS
     | {"command_template", "command_topic", "device_class", "name", "payload_press", "retain"},
+    # mqtt/image.py PLATFORM_SCHEMA_BASE
+    "image": {"qos", "encoding"}
+    | ENTITY_COMMON_KEYS
+    | {"content_type", "name", "url_topic", "image_topic", "image_encoding", "url_template"},
 }
 PLATFORM_REQUIRED: dict[str, set[str]] = {
     "sensor": {"state_topic"},
     "binary_sensor": {"state_topic"},
     "event": {"state_topic", "event_types"},
     "button": {"command_topic"},
+    "image": set(),  # one of url_topic and image_topic: check_image
 }
 
 # sensor/const.py SensorDeviceClass
@@ -319,6 +324,8 @@ STATES: dict[str, dict[str, object]] = {
     "hours": {"validity_unit": "HOUR"},
     "unknown_unit": {"validity_unit": "MONTH"},
     "odd_status": {"status": "SOMETHING_NEW", "smdp_status": "", "validity_unit": None},
+    # with provider.publish_activation: the QR code image
+    "activation": {"qr_code_url": "https://p.qrsim.net/abc.png"},
 }
 SETTINGS = [("esim", "homeassistant"), ("home/esim-bridge", "ha_discovery")]
 
@@ -574,6 +581,15 @@ def check_button(cid: str, comp: dict[str, Any]) -> None:
     assert isinstance(comp.get("payload_press", "PRESS"), str), cid
 
 
+def check_image(cid: str, comp: dict[str, Any]) -> None:
+    """mqtt/image.py: exactly one of url_topic and image_topic (vol.Exclusive, and
+    validate_topic_required), a valid subscribe topic; content_type not with url_topic."""
+    topics = [key for key in ("url_topic", "image_topic") if key in comp]
+    assert len(topics) == 1, f"{cid}: one of url_topic and image_topic"
+    assert valid_subscribe_topic(comp[topics[0]]), f"{cid}: bad {topics[0]}"
+    assert not ("content_type" in comp and "url_topic" in comp), f"{cid}: content_type"
+
+
 def check_payload(base: str, topic: str, payload: bytes) -> None:
     """Everything Home Assistant checks before it creates the device's entities."""
     prefix, _, rest = topic.partition("/device/")
@@ -597,6 +613,8 @@ def check_payload(base: str, topic: str, payload: bytes) -> None:
         check_common(cid, comp, platform)
         if platform == "button":
             check_button(cid, comp)
+        elif platform == "image":
+            check_image(cid, comp)
         elif platform == "sensor":
             check_sensor(cid, comp, topic_examples(base, comp["state_topic"]))
         elif platform == "binary_sensor":
@@ -757,14 +775,18 @@ def test_the_checker_catches_what_home_assistant_rejects_of_the_provider_entitie
         ("cmps.activated_at.unit_of_measurement", "s"),
         ("cmps.package.state_class", "measurement"),
         ("cmps.package.state_topic", "esim/8943108170001029631/qr_code_url"),
+        ("cmps.qr_code.image_topic", "esim/8943108170001029631/qr_code_url"),
+        ("cmps.qr_code.url_topic", "esim/#/qr_code_url"),
+        ("cmps.qr_code.content_type", "image/png"),
+        ("cmps.refresh.retain", True),
     ],
 )
 def test_the_checker_catches_what_home_assistant_rejects_of_the_esim_provider_entities(
     path: str, value: object
 ) -> None:
+    state = {**STATES["full"], **STATES["activation"]}
     topic, payload = esim_discovery(
-        ICCIDS[0], STATES["full"], base="esim", prefix="homeassistant", version="0.1.0",
-        provider=True,
+        ICCIDS[0], state, base="esim", prefix="homeassistant", version="0.1.0", provider=True,
     )
     check_payload("esim", topic, payload)
     cfg = msgspec.json.decode(payload)

@@ -310,3 +310,33 @@ def wait_until_value(port: int, topic: str, payload: bytes, timeout: float = 15.
     wait_until(lambda: retained(port, topic, wait=0.3).get(topic) == payload,
                f"{topic} = {payload!r}", timeout)
     return payload
+
+
+def test_the_qr_code_only_with_publish_activation_and_its_image_leaves_first(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """With provider.publish_activation the QR code's URL is published, with an image
+    entity; turned off, the image leaves the eSIM's config before the URL's topic is
+    cleared (Home Assistant errs on an empty URL)."""
+    one = iccid(1)
+    config, url = f"homeassistant/device/esim_{one}/config", f"esim/{one}/qr_code_url"
+    on = BridgeProcess(tmp_path, mosquitto.url, provider(standin, publish_activation=True))
+    on.start()
+    try:
+        held = wait_retained(mosquitto.port, {url, config})
+    finally:
+        on.stop()
+    assert held[url] == b"https://p.example/qr/1.png"
+    assert json.loads(held[config])["cmps"]["qr_code"]["url_topic"] == url
+    assert "qr_code_url" not in json.loads(held[f"esim/{one}/state"])  # never a state key
+    with Watcher(mosquitto.port, [config, url]) as watcher:
+        watcher.clear()
+        off = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+        try:
+            watcher.wait_for(url, b"")
+        finally:
+            off.stop()
+        order = [(t, p) for t, p, _ in watcher.messages]
+    new_config = next(i for i, (t, p) in enumerate(order) if t == config and b"qr_code" not in p)
+    assert new_config < order.index((url, b""))
+    assert url not in retained(mosquitto.port, f"esim/{one}/#")

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bridge import outbox
@@ -213,3 +214,52 @@ def test_the_same_esim_without_an_esim_tran_no_is_not_a_reuse(tmp_path: Path) ->
         store.ingest(raw)
         state = json.loads(store.retained()[f"esim/{ICCID}/state"])
     assert state["data_remaining"] == 5 and state["esim_tran_no"] == "T1"
+
+
+# -- forgetting ended eSIMs ----------------------------------------------------------------------
+
+CONFIG = f"homeassistant/device/esim_{ICCID}/config"
+
+
+def expiring(notify_id: str, days_ago: float) -> bytes:
+    when = datetime.now(UTC) - timedelta(days=days_ago)
+    return json.dumps({"notifyType": "VALIDITY_USAGE", "notifyId": notify_id,
+                       "content": {"iccid": ICCID, "durationUnit": "DAY", "totalDuration": 30,
+                                   "expiredTime": when.isoformat(), "remain": 0}}).encode()
+
+
+def test_an_esim_expired_longer_than_forget_ended_days_leaves_home_assistant(
+    tmp_path: Path,
+) -> None:
+    """Its discovery config is cleared; its retained topics stay."""
+    with open_store(tmp_path / "bridge.db", forget_ended_days=30) as store:
+        store.ingest(expiring("e1", days_ago=10))
+        assert store.forget() == 0 and CONFIG in store.retained()
+    with open_store(tmp_path / "bridge.db", forget_ended_days=5) as store:  # at start
+        kept = store.retained()
+        assert CONFIG not in kept and f"esim/{ICCID}/expires_at" in kept
+        assert (CONFIG, b"") in [(m.topic, m.payload) for _, m in store.outbox()]
+        assert store.forget() == 0  # once is enough
+
+
+def test_a_cancelled_esim_is_forgotten_counted_from_when_it_was_cancelled(
+    tmp_path: Path,
+) -> None:
+    cancel = json.dumps({"notifyType": "ESIM_STATUS", "notifyId": "c1",
+                         "content": {"iccid": ICCID, "esimStatus": "CANCEL"}}).encode()
+    with open_store(tmp_path / "bridge.db", forget_ended_days=1) as store:
+        store.ingest(cancel)
+        assert store.forget() == 0  # cancelled just now
+        assert CONFIG in store.retained()
+    with open_store(tmp_path / "bridge.db", forget_ended_days=0) as store:
+        assert CONFIG not in store.retained()
+        assert f"esim/{ICCID}/status" in store.retained()
+
+
+def test_forget_runs_through_the_one_transaction_and_clears_once(tmp_path: Path) -> None:
+    with open_store(tmp_path / "bridge.db", forget_ended_days=30) as store:
+        store.ingest(expiring("f1", days_ago=40))  # ended long ago: no config from the start
+        assert CONFIG not in store.retained()
+        store.ingest(data_usage("f2", 5, iccid="1111"))  # alive
+        assert store.forget() == 0
+        assert "homeassistant/device/esim_1111/config" in store.retained()
