@@ -404,7 +404,7 @@ def _report(
         f"**{again_text}** |",
         "",
         f"| webhooks @{RATE:g}/s | requests | ACK p50 / p99 / max ms (p99 vs idle) "
-        "| disk fsync p99 / max ms | errors |",
+        "| disk fsync p99 / max ms | HTTP errors (whole load) |",
         "| --- | ---: | ---: | ---: | ---: |",
         f"| while profiles are read and stored | {len(sync_acks.latencies):,} "
         f"| {sync_acks.text(idle_acks)} | {fsync(load_from, synced)} | {sync_acks.errors} |",
