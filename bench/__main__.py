@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--scale]`: the bridge against its baselines.
+"""`python -m bench [--quick] [--scale] [--fleet]`: the bridge against its baselines.
 
 Starts one Mosquitto on a free port, then, round after round, each system in
 turn (the order rotates each round so slow drift of the machine does not always
@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.disk import probe
+from bench.fleet import ESIMS, run_fleet
 from bench.measurement import RoundResult, measure_publisher, measure_webhook_system
 from bench.plan import FULL, QUICK, Plan
 from bench.report import machine, render, summarize
@@ -35,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         "--scale",
         action="store_true",
         help="full mode only: also the 10,000 iccids / 100,000 pending messages scenario",
+    )
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="full mode only: also the provider sync of a fleet (--only fleet: that alone)",
+    )
+    parser.add_argument(
+        "--fleet-esims",
+        type=int,
+        default=ESIMS,
+        metavar="N",
+        help=f"eSIMs of the stand-in provider's account for --fleet (default {ESIMS:,})",
     )
     parser.add_argument("--only", help="comma-separated system keys, e.g. bare,bridge")
     parser.add_argument("--rounds", type=int, help="override the plan's number of rounds")
@@ -77,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale and args.quick:
         print("--scale runs in full mode only; ignoring it for --quick", file=sys.stderr)
         args.scale = False
+    if args.only and "fleet" in {k.strip() for k in args.only.split(",")}:
+        args.fleet = True
+    if args.fleet and args.quick:
+        print("--fleet runs in full mode only; ignoring it for --quick", file=sys.stderr)
+        args.fleet = False
     plan = _plan(args)
     # Stop cleanly on Ctrl-C and on SIGTERM, even when started from a shell
     # that had SIGINT ignored (a background job): every process gets stopped.
@@ -117,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = run_scale(plan, workdir / "scale")
             elif args.scale:
                 extra = ["## Scale", "", "Skipped: the bridge is not available."]
+            if args.fleet:
+                extra += run_fleet(plan, workdir / "fleet", args.fleet_esims)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping everything", file=sys.stderr)
             return 130

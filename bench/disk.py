@@ -84,9 +84,13 @@ class DuringLoad:
             self._proc.kill()
             self._proc.wait()
 
+    def window(self, start: float, end: float) -> list[float]:
+        """The fsyncs (ms) that ended between `start` and `end` (monotonic)."""
+        return [ms for t, ms in self._took if start <= t <= end]
+
     def p99(self, start: float, end: float) -> float | None:
         """p99 of the fsyncs that ended between `start` and `end` (monotonic), in ms."""
-        return percentile([ms for t, ms in self._took if start <= t <= end], 99)
+        return percentile(self.window(start, end), 99)
 
 
 if __name__ == "__main__":
