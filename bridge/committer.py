@@ -108,7 +108,7 @@ class Committer:
             return
         if not self._begin(loop):
             return  # another writer has the lock: a later turn tries again
-        queued, self._queue = self._queue[:BATCH_LIMIT], self._queue[BATCH_LIMIT:]
+        queued = self._take()
         try:
             batch = self.store.apply([write for write, _ in queued])
         except sqlite3.Error as exc:
@@ -154,9 +154,23 @@ class Committer:
         self._busy_since = None
         return True
 
+    def _take(self) -> list[_Queued]:
+        """The next batch, in the order queued: the webhooks (and posts) up to the next
+        bulk write (a poll of the provider's API, a resync), or that bulk write alone. A
+        webhook never shares a transaction with a bulk write, so its answer waits for at
+        most one of them, not for one in its own batch as well."""
+        count = 0
+        while count < min(len(self._queue), BATCH_LIMIT):
+            bulk = not isinstance(self._queue[count][0], Webhook | Post)
+            if bulk:
+                count = count or 1
+                break
+            count += 1
+        queued, self._queue = self._queue[:count], self._queue[count:]
+        return queued
+
     def _fail_queue(self, exc: BaseException, loop: asyncio.AbstractEventLoop) -> None:
-        queued, self._queue = self._queue[:BATCH_LIMIT], self._queue[BATCH_LIMIT:]
-        self._failed(queued, exc, loop)
+        self._failed(self._take(), exc, loop)
 
     def _done(
         self,

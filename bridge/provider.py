@@ -10,10 +10,12 @@ The access code and the secret key never leave this module except as headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import hmac
 import logging
+import math
 import random
 import time
 import uuid
@@ -35,7 +37,7 @@ Outcome = Literal["ok", "unauthorized", "unreachable", "error"]
 T = TypeVar("T")
 
 PATH_PREFIX = "/api/v1/open/"
-PAGE_SIZE = 100  # the provider allows 5-500; 100 keeps one answer near 100 KB
+PAGE_SIZE = 500  # the provider allows 5-500: a fleet of 10,000 in 20 calls, not 100
 USAGE_BATCH = 10  # the provider's limit per esim/usage/query
 JITTER_MARGIN = 0.05  # s per second: sends are spaced a little wider than 1/max_rps
 NOT_READY = "200010"
@@ -208,26 +210,47 @@ UNREACHABLE_FIX = ("Check provider.base_url and this machine's network; if the p
 
 
 class RateLimit:
-    """At most `per_second` sends within any one second, shared by every caller.
+    """At most `per_second` requests within any one second at the provider's end, shared
+    by every caller (`async with limit.slot(): <send>`).
 
-    Each send waits until 1/per_second (a little more, for network jitter) has passed
-    since the one before, measured when that one really went out. That keeps the
-    sliding window over the last `per_second` sends under a second, and spreads them:
-    a burst of `per_second` at once, then a pause, arrives bunched at the provider's
-    end and, give or take a few milliseconds, can land in one of its seconds with the
-    next burst. A task that is late (a busy event loop) goes late, not at once with
-    the ones queued behind it."""
+    A request reaches the provider some time between when it starts and when its answer
+    is back, so: a request starts only once fewer than `per_second` of the ones before it
+    are still within a second of their answer (one still in flight counts as within),
+    and at least 1/per_second (a little more) after the previous one started, so they
+    spread instead of bursting. A task that is late (a busy event loop) goes late, not
+    at once with the ones queued behind it."""
 
     def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
         self.interval = (1.0 + JITTER_MARGIN) / per_second
         self._last = -self.interval
-        self._lock = asyncio.Lock()
+        self._free_at: list[list[float]] = []  # per recent request: its answer + 1 s
+        self._changed = asyncio.Condition()
 
-    async def wait(self) -> None:
-        async with self._lock:
-            while (delay := self._last + self.interval - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        mine = [math.inf]  # in flight
+        async with self._changed:
+            while (delay := self._delay()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(delay, 1.0))
             self._last = time.monotonic()
+            self._free_at.append(mine)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                mine[0] = time.monotonic() + 1.0
+                self._changed.notify_all()
+
+    def _delay(self) -> float:
+        """How long to wait before the next request may start; 0 or less: now."""
+        now = time.monotonic()
+        self._free_at = [at for at in self._free_at if at[0] > now]
+        spacing = self._last + self.interval - now
+        if len(self._free_at) < self.per_second:
+            return spacing
+        return max(spacing, min(at[0] for at in self._free_at) - now)
 
 
 class ProviderClient:
@@ -377,10 +400,10 @@ class ProviderClient:
 
     async def _send(self, endpoint: str, content: bytes) -> bytes:
         """One request; the `obj` of a successful answer, or an exception that says why not."""
-        await self.rate_limit.wait()
         try:
-            response = await self._http.post(endpoint, content=content,
-                                             headers=self._headers(content))
+            async with self.rate_limit.slot():
+                response = await self._http.post(endpoint, content=content,
+                                                 headers=self._headers(content))
         except httpx.TimeoutException:
             raise _Retry(Unreachable(endpoint, "no answer in time", "the provider is slow or "
                                      "away", UNREACHABLE_FIX)) from None

@@ -9,6 +9,7 @@ with the credentials in no log line and no error.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ from bridge.provider import (
     NotReady,
     ProviderClient,
     ProviderError,
+    RateLimit,
     Refused,
     Unauthorized,
     Unreachable,
@@ -60,11 +62,11 @@ async def every_profile(client: ProviderClient) -> list[Any]:
 
 
 def test_every_page_is_read(standin: ProviderStandin) -> None:
-    standin.profiles = [profile(n) for n in range(1, 301)]
+    standin.profiles = [profile(n) for n in range(1, 1201)]
     profiles = call(standin, every_profile)
-    assert len({p.iccid for p in profiles}) == 300
+    assert len({p.iccid for p in profiles}) == 1200
     pages = [r.json()["pager"] for r in standin.requests]
-    assert pages == [{"pageNum": n, "pageSize": 100} for n in (1, 2, 3)]
+    assert pages == [{"pageNum": n, "pageSize": 500} for n in (1, 2, 3)]
     assert len({r.peer for r in standin.requests}) == 1  # one connection, reused
 
 
@@ -319,3 +321,28 @@ def test_the_credentials_appear_in_no_log_line_and_no_error(
 def test_without_an_access_code_there_is_no_client() -> None:
     with pytest.raises(ValueError, match=r"provider\.access_code"):
         ProviderClient(ProviderConfig(base_url=f"http://127.0.0.1:{free_port()}"))
+
+
+def test_the_rate_limit_holds_wherever_in_its_flight_a_request_arrives() -> None:
+    """A request reaches the provider somewhere between its start and its answer: the
+    limit holds for the worst case, so no `per_second + 1` requests can land within one
+    second (a send that went out late used to be followed too closely by the next)."""
+    limit, spans = RateLimit(5), []
+
+    async def request(n: int) -> None:
+        async with limit.slot():
+            start = time.monotonic()
+            await asyncio.sleep(0.05 if n % 3 else 0.3)  # answers come back at their pace
+            spans.append((start, time.monotonic()))
+
+    async def burst() -> None:
+        await asyncio.gather(*(request(n) for n in range(16)))
+
+    asyncio.run(burst())
+    # Six requests could land in one second iff, for the one of them that started last,
+    # the other five started before it and answered less than a second before it started
+    for start, _ in spans:
+        near = [(s, e) for s, e in spans if s <= start and e > start - 1.0 + 1e-3]
+        assert len(near) <= 5, near
+    starts = sorted(start for start, _ in spans)
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(starts))  # spread, not a burst
