@@ -38,12 +38,13 @@ def snapshot(conn: sqlite3.Connection, after: int) -> Iterator[Message]:
     outbox after row `after`: those go out in order anyway and end at the same payload
     (the table and the outbox are written in one transaction), and republishing the
     newest first would show a subscriber older values after newer ones."""
-    # one statement: the table and the outbox as of one moment
+    # one statement: the table and the outbox as of one moment; read as it is sent, not
+    # all at once (a fleet of 10,000 eSIMs is 100,000 topics and 50 MB of configs)
     rows = conn.execute(
         "SELECT topic, payload FROM retained WHERE topic NOT IN "
         "(SELECT topic FROM outbox WHERE id > ? AND retain)",
         (after,),
-    ).fetchall()
+    )
     for topic, payload in rows:
         yield Message(topic, bytes(payload), True)
 
