@@ -29,6 +29,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from bridge.backend import Statements, StoreUnavailable
+from bridge.config import mask_url
 from bridge.outbox import backlog
 
 log = logging.getLogger("bridge.store")
@@ -98,8 +99,6 @@ class Postgres:
         self._open = False
 
     def describe(self) -> str:
-        from bridge.config import mask_url  # the store needs no configuration otherwise
-
         return mask_url(self.url)
 
     def open(self) -> None:
