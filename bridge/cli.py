@@ -113,6 +113,14 @@ def serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
+    if settings.store.url is not None:
+        # The store works on PostgreSQL (bridge/postgres.py), but the publisher, the one
+        # publishing replica and the upkeep do not yet: refuse rather than half-work.
+        print(f"esim-bridge: store.url = {config.mask_url(settings.store.url)!r}: several "
+              "replicas on PostgreSQL are not finished yet; this version serves from the "
+              "SQLite file of store.path only. Leave store.url out (and "
+              "ESIM_BRIDGE_STORE_URL unset) to serve.", file=sys.stderr)
+        return EXIT_CONFIG
     store_path = Path(settings.store.path)
     try:
         store_lock = _lock_store(store_path)

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import cast
 
-from bridge.db import is_busy
 from bridge.models import Decoded
 from bridge.outbox import Message
 from bridge.store import (
@@ -111,7 +109,7 @@ class Committer:
         queued = self._take()
         try:
             batch = self.store.apply([write for write, _ in queued])
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             self.store.rollback()
             self._failed(queued, exc, loop)
             return
@@ -119,7 +117,7 @@ class Committer:
         if len(queued) <= INLINE_COMMIT:
             try:
                 self.store.commit(batch)
-            except sqlite3.Error as exc:
+            except self.store.errors as exc:
                 self._done(queued, batch, exc, loop)
             else:
                 self._done(queued, batch, None, loop)
@@ -130,15 +128,16 @@ class Committer:
         )
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """BEGIN IMMEDIATE without ever sleeping on the loop. False when another writer
-        holds the lock (`_flush` is scheduled again: at once for the first millisecond,
-        then every millisecond) or when the queue was failed (the store cannot write)."""
+        """Begin (on SQLite, BEGIN IMMEDIATE) without ever sleeping on the loop. False when
+        another writer holds the lock (`_flush` is scheduled again: at once for the first
+        millisecond, then every millisecond) or when the queue was failed (the store
+        cannot write)."""
         try:
             self.store.begin()
-        except sqlite3.OperationalError as exc:
+        except self.store.errors as exc:
             now = time.monotonic()
             since = self._busy_since = self._busy_since or now
-            if is_busy(exc) and now - since < WRITE_BUSY:
+            if self.store.is_busy(exc) and now - since < WRITE_BUSY:
                 self._scheduled = True
                 if now - since < 0.001:
                     loop.call_soon(self._flush, loop)
@@ -148,7 +147,7 @@ class Committer:
             self._busy_since = None
             self._fail_queue(exc, loop)
             return False
-        except (sqlite3.Error, StoreUnavailable) as exc:
+        except StoreUnavailable as exc:
             self._fail_queue(exc, loop)
             return False
         self._busy_since = None

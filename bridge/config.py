@@ -75,6 +75,7 @@ class ProviderConfig(_Section):
 
 class StoreConfig(_Section):
     path: str = "./data/esim-bridge.db"
+    url: str | None = None  # postgresql://user:pass@host:port/db, instead of path
     dedup_hours: Annotated[float, msgspec.Meta(gt=0)] = 72.0
     max_outbox: Positive = 1_000_000
     synchronous: str = "full"
@@ -102,6 +103,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "log": LogConfig,
 }
 SECRET_KEYS = {("http", "token"), ("provider", "access_code"), ("provider", "secret_key")}
+URL_KEYS = {("mqtt", "url"), ("store", "url")}  # shown with the password masked
 
 
 class ConfigError(Exception):
@@ -153,7 +155,7 @@ def _shown(section: str, key: str, value: Any) -> str:
     """A value as a problem message quotes it: secrets masked, as `render` does."""
     if (section, key) in SECRET_KEYS:
         return "'***'"
-    if (section, key) == ("mqtt", "url") and isinstance(value, str):
+    if (section, key) in URL_KEYS and isinstance(value, str):
         return repr(mask_url(value))
     return repr(value)
 
@@ -239,6 +241,20 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if not TOPIC_LEVEL.match(config.homeassistant.prefix):
         problems.append(f"homeassistant.prefix = {config.homeassistant.prefix!r}: not a topic")
     _check_provider(config.provider, problems)
+    if config.store.url is not None:
+        parts = _split(config.store.url)
+        if parts is None or parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            problems.append(
+                f"store.url = {mask_url(config.store.url)!r}: expected "
+                "postgresql://user:pass@host[:port]/database (PostgreSQL is the only "
+                "engine besides the SQLite file of store.path)"
+            )
+        else:
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                problems.append(f"store.url = {mask_url(config.store.url)!r}: the port is "
+                                "not valid")
     if config.store.synchronous not in ("full", "normal"):
         problems.append(f"store.synchronous = {config.store.synchronous!r}: 'full' or 'normal'")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
@@ -322,7 +338,7 @@ def render(config: Config) -> str:
                 continue
             if (section, key) in SECRET_KEYS:
                 value = "***"
-            elif section == "mqtt" and key == "url":
+            elif (section, key) in URL_KEYS:
                 value = mask_url(value)
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")

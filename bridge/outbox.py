@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import msgspec
 
+from bridge.backend import Connection
+
 
 class Message(msgspec.Struct, frozen=True, array_like=True):
     """One finished MQTT message. A retained message with an empty payload clears its
@@ -90,9 +92,10 @@ def delete_outbox(conn: sqlite3.Connection, ids: list[int]) -> None:
         conn.execute(f"DELETE FROM outbox WHERE {where}", [i for pair in chunk for i in pair])
 
 
-def backlog(conn: sqlite3.Connection) -> int:
-    """Messages waiting in the outbox: the id range, which is cheap at any size. Rows are
-    deleted in the order they were acknowledged, so holes are few and short-lived."""
+def backlog(conn: Connection) -> int:
+    """Messages waiting in the outbox (SQLite or PostgreSQL): the id range, which is cheap
+    at any size. Rows are deleted in the order they were acknowledged, so holes are few and
+    short-lived."""
     # two subqueries: SQLite answers a lone min() or max() from the index, both at once
     # in one SELECT with a full scan
     low, high = conn.execute(

@@ -1,10 +1,12 @@
-"""The store (SQLite): dedup, state, the outbox and the retained topics, in one transaction.
+"""The store: dedup, state, the outbox and the retained topics, in one transaction.
 
 Every write goes through `Store.apply`, one transaction body for a batch of writes of
 three kinds: a webhook (`Webhook`), finished messages the bridge posts itself (`Post`,
 `bridge/info`), and a resync that brings every retained topic in line with the state
 and the settings (`Resync`, at start). `bridge/committer.py` batches writes and calls
-it; this module knows nothing of asyncio or threads.
+it; this module knows nothing of asyncio or threads, nor of the engine under it: SQLite
+(`bridge/sqlite.py`, the default) or PostgreSQL (`bridge/postgres.py`, `store.url`), each
+a `bridge/backend.py` Backend.
 
 For one webhook: `topics.route` says which entity it changes, its record is loaded,
 `topics.plan` gives the new record and the messages, the Home Assistant extension the
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,43 +31,23 @@ from pathlib import Path
 
 import msgspec
 
-from bridge import db, topics
-from bridge.homeassistant import BRIDGE_OBJECT_ID, HomeAssistant
+from bridge import topics
+from bridge.backend import Backend, Connection
+from bridge.backend import StoreUnavailable as StoreUnavailable
+from bridge.homeassistant import HomeAssistant
 from bridge.models import Decoded
 from bridge.outbox import Message, backlog
+from bridge.sqlite import Sqlite
 from bridge.topics import BRIDGE, Entity, Record, Topics
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
-CREATE TABLE IF NOT EXISTS entity (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    retain INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS retained (
-    topic TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    payload BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS retained_owner ON retained (owner);
-"""
-BLOCKING_BUSY = 5.0  # s: the longest wait for another writer while opening
 # The owner of the messages the bridge posts itself (bridge/info): no record stands for
 # them, so a resync leaves them alone.
 POSTED = "posted"
 
 _record_encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(Record)
-
-
-class StoreUnavailable(Exception):
-    """The store cannot write right now (disk full, locked, closed): answer 503."""
 
 
 class OutboxFull(StoreUnavailable):
@@ -150,8 +131,9 @@ def dedup_key(decoded: Decoded, body: bytes) -> str:
 
 
 class Store:
-    """The SQLite store. `open()` before use, `close()` after. One writer connection,
-    used by one caller at a time (the committer): begin, apply, commit or roll back."""
+    """The store, on SQLite (`path`) or on PostgreSQL (`url`). `open()` before use,
+    `close()` after. One writer, used by one caller at a time (the committer): begin,
+    apply, commit or roll back."""
 
     def __init__(
         self,
@@ -163,102 +145,89 @@ class Store:
         synchronous: str = "full",
         homeassistant: HomeAssistant | None = None,
         keep_activation: bool = False,
+        url: str | None = None,
     ) -> None:
-        self.path = path
+        if url is None:
+            self.backend: Backend = Sqlite(path, synchronous)
+        else:
+            from bridge.postgres import Postgres  # psycopg: only with esim-bridge[postgres]
+
+            self.backend = Postgres(url)
+        self.sql = self.backend.sql
+        self.errors = self.backend.errors  # the engine's errors: the batch fails
         self.topics = topics
         self.dedup_seconds = dedup_hours * 3600
         self.max_outbox = max_outbox
-        self.synchronous = synchronous
         self.homeassistant = homeassistant
         self.keep_activation = keep_activation  # provider.publish_activation: the QR code
         self.esims = 0
-        self._conn: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
+        self._conn: Connection | None = None  # while a transaction is open
+        self._open = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = db.connect(self.path, self.synchronous)
-        _begin_blocking(conn)
-        try:
-            _upgrade(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        self.esims = conn.execute(
-            "SELECT count(*) FROM entity WHERE key LIKE 'esim:%'"
-        ).fetchone()[0]
-        # The event loop writes on this connection, so SQLite's busy handler must never
-        # sleep on it (1 ms at the least, while no request is served): the committer
-        # tries again on a later turn of the loop instead.
-        conn.execute("PRAGMA busy_timeout=0")
-        self._conn = conn
-        self._reader = db.connect(self.path, self.synchronous, db.SMALL_CACHE_KIB)
+        self.backend.open()
+        with self.backend.reading() as conn:
+            self.esims = conn.execute(self.sql.count_esims).fetchone()[0]
+        self._open = True
 
     def close(self) -> None:
-        for conn in (self._conn, self._reader):
-            if conn is not None:
-                conn.close()
-        self._conn = self._reader = None
+        self.backend.close()
+        self._conn = None
+        self._open = False
 
     @property
     def is_open(self) -> bool:
-        return self._conn is not None
+        return self._open
 
     @property
     def backlog(self) -> int:
         """Messages in the outbox that the broker has not acknowledged yet."""
-        if self._reader is None:
-            return 0
-        try:
-            return backlog(self._reader)
-        except sqlite3.Error:
-            return 0
+        return self.backend.backlog()
 
     def in_use(self) -> list[tuple[str, str]]:
         """(iccid, esimTranNo) of the eSIMs in use, read on a connection of its own
         (blocking: run it on a thread)."""
-        conn = db.connect(self.path, self.synchronous, db.SMALL_CACHE_KIB)
-        try:
-            return esims_in_use(conn)
-        finally:
-            conn.close()
+        with self.backend.reading() as conn:
+            return esims_in_use(conn, self.sql.esim_records)
+
+    def is_busy(self, exc: Exception) -> bool:
+        """Another writer holds the store: nothing is wrong, `begin` again later."""
+        return self.backend.is_busy(exc)
 
     # -- one transaction ---------------------------------------------------------------------
 
     def begin(self) -> None:
-        """BEGIN IMMEDIATE, without waiting: sqlite3.OperationalError (see `db.is_busy`)
-        when another connection is writing."""
-        self._writer().execute("BEGIN IMMEDIATE")
+        """Begin the write transaction, without waiting: an engine error that `is_busy`
+        recognises when another connection is writing."""
+        self._conn = self.backend.begin()
 
     def commit(self, batch: Batch) -> None:
         """COMMIT, the fsync included (the committer may run it on a thread of its own)."""
-        conn = self._writer()
         try:
-            conn.execute("COMMIT")
-        except sqlite3.Error:
+            self.backend.commit()
+        except self.errors:
             self.rollback()
             raise
+        finally:
+            self._conn = None
         self.esims += batch.new_esims
 
     def rollback(self) -> None:
-        conn = self._conn
-        if conn is not None and conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("rollback failed")
+        self._conn = None
+        self.backend.rollback()
 
     def apply(self, writes: list[Write]) -> Batch:
         """Every statement of a batch of writes, inside the transaction `begin` opened,
         short of the COMMIT: the one transaction body. A write that fails for itself
         alone (a bug) becomes its outcome, and leaves nothing behind (everything that can
-        fail happens before its first statement that writes); an SQLite error fails the
+        fail happens before its first statement that writes); an engine error fails the
         whole batch (raised: the caller rolls back)."""
         conn = self._writer()
         batch = Batch()
+        if self.backend.locks:
+            self._lock(conn, writes)
         waiting = backlog(conn)
         for write in writes:
             try:
@@ -272,33 +241,59 @@ class Store:
                     outcome = self._forget(conn, batch)
                 else:
                     outcome = self._resync(conn, batch)
-            except sqlite3.Error:
+            except self.errors:
                 raise
             except Exception as exc:
                 log.exception("could not store %s", _name(write))
                 outcome = exc
             batch.outcomes.append(outcome)
-        conn.executemany(
-            "INSERT INTO outbox (topic, payload, retain) VALUES (?, ?, ?)",
+        if batch.outbox:
+            self.backend.before_outbox(conn)
+        self.backend.executemany(
+            conn, self.sql.put_outbox,
             [(m.topic, m.payload, int(m.retain)) for m in batch.outbox],
         )
-        _write_retained(conn, batch)
+        self._write_retained(conn, batch)
         return batch
 
-    def _writer(self) -> sqlite3.Connection:
+    def _writer(self) -> Connection:
         if self._conn is None:
             raise StoreUnavailable("the store is closed")
         return self._conn
 
+    def _lock(self, conn: Connection, writes: list[Write]) -> None:
+        """Tell a backend with several writers what the batch reads and writes, before
+        its first read: every entity and dedup key (`Backend.lock`)."""
+        keys: list[str] = []
+        everything = False
+        for write in writes:
+            if isinstance(write, Webhook):
+                keys.append(dedup_key(write.decoded, write.body))
+                try:
+                    entity = topics.route(write.decoded).entity
+                except Exception:  # a bug: `_webhook` makes it the write's outcome
+                    continue
+                if entity is not None:
+                    keys.append(entity.key)
+            elif isinstance(write, Poll):
+                keys += [Entity("esim", reading.iccid).key for reading in write.readings]
+                if write.order_no is not None:
+                    keys.append(Entity("order", write.order_no).key)
+            elif isinstance(write, Post):
+                keys.append(POSTED)
+            else:  # a resync or a forget reads every entity
+                everything = True
+        self.backend.lock(conn, keys, everything)
+
     # -- the writes, inside the transaction ---------------------------------------------------
 
     def _webhook(
-        self, conn: sqlite3.Connection, write: Webhook, batch: Batch, waiting: int
+        self, conn: Connection, write: Webhook, batch: Batch, waiting: int
     ) -> Accepted | OutboxFull:
         decoded = write.decoded
         key = dedup_key(decoded, write.body)
         now = write.received_at.timestamp()
-        row = conn.execute("SELECT at FROM seen WHERE key = ?", (key,)).fetchone()
+        row = conn.execute(self.sql.seen_at, (key,)).fetchone()
         if row is not None and row[0] >= now - self.dedup_seconds:
             return Accepted(duplicate=True)
         pending = waiting + len(batch.outbox)
@@ -320,7 +315,7 @@ class Store:
         iccid = entity.name if entity is not None and entity.kind == "esim" else decoded.iccid
         return Accepted(False, iccid, to.warning, count, plan.notice)
 
-    def _poll(self, conn: sqlite3.Connection, write: Poll, batch: Batch) -> int:
+    def _poll(self, conn: Connection, write: Poll, batch: Batch) -> int:
         at, count, iccids = write.at.timestamp(), 0, []
         for reading in write.readings:
             if topics.iccid_problem(reading.iccid) is not None:
@@ -342,7 +337,7 @@ class Store:
 
     def _change(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         entity: Entity | None,
         prior: Record | None,
         plan: topics.Plan,
@@ -363,12 +358,11 @@ class Store:
 
         # writes from here on
         if seen is not None:
-            conn.execute("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", seen)
+            conn.execute(self.sql.put_seen, seen)
         if changed:
             assert entity is not None and plan.record is not None
             batch.records[entity.key] = plan.record
-            conn.execute("INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
-                         (entity.key, blob))
+            conn.execute(self.sql.put_record, (entity.key, blob))
             self._keep(batch, entity.key, configs + cleared)
             self._keep(batch, entity.key, [m for m in plan.messages if m.retain])
             batch.new_esims += int(prior is None and entity.kind == "esim")
@@ -378,7 +372,7 @@ class Store:
         return len(configs) + len(cleared) + len(plan.messages)
 
     def _beside(
-        self, conn: sqlite3.Connection, batch: Batch, entity: Entity, prior: Record | None,
+        self, conn: Connection, batch: Batch, entity: Entity, prior: Record | None,
         plan: topics.Plan, now: float,
     ) -> tuple[list[Message], list[Message]]:
         """What an event changes besides its own messages: the entity's discovery configs
@@ -401,13 +395,13 @@ class Store:
                    if self._payload(conn, batch, entity.key, t)]
         return self._changed(conn, batch, entity.key, configs), cleared
 
-    def _forget(self, conn: sqlite3.Connection, batch: Batch) -> int:
+    def _forget(self, conn: Connection, batch: Batch) -> int:
         """Clear the discovery config of every eSIM Home Assistant should forget by now."""
         ha, now = self.homeassistant, time.time()
         if ha is None:
             return 0
         cleared = []
-        rows = conn.execute("SELECT key, record FROM entity WHERE key LIKE 'esim:%'").fetchall()
+        rows = conn.execute(self.sql.esim_records).fetchall()
         for key, blob in rows:
             if not ha.forgotten(_record_decoder.decode(blob), now):
                 continue
@@ -418,15 +412,15 @@ class Store:
         batch.outbox += cleared
         return len(cleared)
 
-    def _post(self, conn: sqlite3.Connection, write: Post, batch: Batch) -> int:
+    def _post(self, conn: Connection, write: Post, batch: Batch) -> int:
         self._keep(batch, POSTED, [m for m in write.messages if m.retain])
         batch.outbox += write.messages
         return len(write.messages)
 
-    def _resync(self, conn: sqlite3.Connection, batch: Batch) -> int:
+    def _resync(self, conn: Connection, batch: Batch) -> int:
         ha, now = self.homeassistant, time.time()
         wanted: dict[str, list[Message]] = {BRIDGE.key: ha.bridge() if ha else []}
-        for key, blob in conn.execute("SELECT key, record FROM entity").fetchall():
+        for key, blob in conn.execute(self.sql.records).fetchall():
             entity, record = Entity.parse(key), _record_decoder.decode(blob)
             if entity.kind == "esim" and topics.iccid_problem(entity.name) is not None:
                 continue  # stored by a version that did not refuse it: it has no topics
@@ -434,13 +428,12 @@ class Store:
                 # provider.publish_activation was turned off: the URL goes, on the broker too
                 del record.fields["qr_code_url"]
                 record.times.pop("qr_code_url", None)
-                conn.execute("INSERT OR REPLACE INTO entity (key, record) VALUES (?, ?)",
-                             (key, _record_encoder.encode(record)))
+                conn.execute(self.sql.put_record, (key, _record_encoder.encode(record)))
             messages = topics.retained(entity, record, self.topics)
             if ha is not None:
                 messages += ha.entity(entity, record, now)
             wanted.setdefault(key, []).extend(messages)
-        owners = {row[0] for row in conn.execute("SELECT DISTINCT owner FROM retained")}
+        owners = {row[0] for row in conn.execute(self.sql.owners)}
         sent = 0
         for owner in sorted((owners | wanted.keys()) - {POSTED}):
             out = self._reconcile(conn, batch, owner, wanted.get(owner, []))
@@ -457,13 +450,11 @@ class Store:
         for message in messages:
             batch.retained[owner, message.topic] = message.payload
 
-    def _held(self, conn: sqlite3.Connection, batch: Batch, owner: str) -> dict[str, bytes]:
+    def _held(self, conn: Connection, batch: Batch, owner: str) -> dict[str, bytes]:
         """The retained topics an owner holds now (in the table, as this batch leaves it)."""
         held = {
             topic: bytes(payload)
-            for topic, payload in conn.execute(
-                "SELECT topic, payload FROM retained WHERE owner = ?", (owner,)
-            )
+            for topic, payload in conn.execute(self.sql.held, (owner,))
         }
         for (holder, topic), payload in batch.retained.items():
             if holder == owner:
@@ -471,24 +462,22 @@ class Store:
         return {topic: payload for topic, payload in held.items() if payload}
 
     def _changed(
-        self, conn: sqlite3.Connection, batch: Batch, owner: str, messages: list[Message]
+        self, conn: Connection, batch: Batch, owner: str, messages: list[Message]
     ) -> list[Message]:
         """The messages whose payload differs from what their topic holds now."""
         return [m for m in messages if self._payload(conn, batch, owner, m.topic) != m.payload]
 
     def _payload(
-        self, conn: sqlite3.Connection, batch: Batch, owner: str, topic: str
+        self, conn: Connection, batch: Batch, owner: str, topic: str
     ) -> bytes | None:
         """What a retained topic holds now (as this batch leaves it); None: nothing."""
         if (owner, topic) in batch.retained:
             return batch.retained[owner, topic] or None
-        row = conn.execute(
-            "SELECT payload FROM retained WHERE owner = ? AND topic = ?", (owner, topic)
-        ).fetchone()
+        row = conn.execute(self.sql.payload, (owner, topic)).fetchone()
         return None if row is None else bytes(row[0])
 
     def _reconcile(
-        self, conn: sqlite3.Connection, batch: Batch, owner: str, wanted: list[Message]
+        self, conn: Connection, batch: Batch, owner: str, wanted: list[Message]
     ) -> list[Message]:
         """Make an owner's retained topics exactly `wanted`: send what changed, clear what
         is no longer wanted (an empty retained payload). Returns what it sends."""
@@ -501,38 +490,33 @@ class Store:
         self._keep(batch, owner, out)
         return out
 
-    def _record(self, conn: sqlite3.Connection, entity: Entity, batch: Batch) -> Record | None:
+    def _record(self, conn: Connection, entity: Entity, batch: Batch) -> Record | None:
         """An entity's record as this batch left it, or as stored."""
         if entity.key in batch.records:
             return batch.records[entity.key]
-        row = conn.execute("SELECT record FROM entity WHERE key = ?", (entity.key,)).fetchone()
+        row = conn.execute(self.sql.record, (entity.key,)).fetchone()
         return None if row is None else _record_decoder.decode(row[0])
 
-
-def _write_retained(conn: sqlite3.Connection, batch: Batch) -> None:
-    """The table of retained topics as the batch leaves it: one statement for the new
-    payloads, one for the topics cleared (per batch, not per write: a fifth of a webhook's
-    store work when it was per write)."""
-    kept, cleared = [], []
-    for (owner, topic), payload in batch.retained.items():
-        if payload:
-            kept.append((owner, topic, payload))
-        else:
-            cleared.append((owner, topic))
-    conn.executemany(
-        "INSERT INTO retained (owner, topic, payload) VALUES (?, ?, ?) "
-        "ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload",
-        kept,
-    )
-    if cleared:
-        conn.executemany("DELETE FROM retained WHERE owner = ? AND topic = ?", cleared)
+    def _write_retained(self, conn: Connection, batch: Batch) -> None:
+        """The table of retained topics as the batch leaves it: one statement for the new
+        payloads, one for the topics cleared (per batch, not per write: a fifth of a
+        webhook's store work when it was per write)."""
+        kept, cleared = [], []
+        for (owner, topic), payload in batch.retained.items():
+            if payload:
+                kept.append((owner, topic, payload))
+            else:
+                cleared.append((owner, topic))
+        self.backend.executemany(conn, self.sql.put_retained, kept)
+        if cleared:
+            self.backend.executemany(conn, self.sql.clear_retained, cleared)
 
 
-def esims_in_use(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+def esims_in_use(conn: Connection, sql: str) -> list[tuple[str, str]]:
     """(iccid, esimTranNo) of every eSIM in use: those whose data the provider's API is
     asked for (an eSIM not installed yet, or ended, uses none)."""
     out = []
-    for key, blob in conn.execute("SELECT key, record FROM entity WHERE key LIKE 'esim:%'"):
+    for key, blob in conn.execute(sql):
         fields = _record_decoder.decode(blob).fields
         tran = fields.get("esim_tran_no")
         if fields.get("status") == "IN_USE" and isinstance(tran, str):
@@ -544,43 +528,3 @@ def _name(write: Write) -> str:
     if isinstance(write, Webhook):
         return f"a {write.decoded.notify_type} webhook"
     return type(write).__name__
-
-
-def _begin_blocking(conn: sqlite3.Connection, timeout: float = BLOCKING_BUSY) -> None:
-    """BEGIN IMMEDIATE, waiting up to `timeout` for another writer (opening the store)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if not db.is_busy(exc) or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.001)
-
-
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Create the tables, or bring an older store's up to SCHEMA_VERSION."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreUnavailable(
-            f"the store {version=} was written by a newer esim-bridge (this one knows "
-            f"{SCHEMA_VERSION}): upgrade esim-bridge, or point store.path elsewhere"
-        )
-    old = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'discovery'"
-    ).fetchone()
-    for statement in SCHEMA.split(";"):  # executescript would COMMIT the transaction
-        if statement.strip():
-            conn.execute(statement)
-    if old is not None:
-        # Version 0 kept the discovery configs it sent in a table of their own: they move
-        # to the device's entity (`<prefix>/device/esim_<iccid>/config` to `esim:<iccid>`),
-        # and the first resync fills in the rest.
-        for topic, payload in conn.execute("SELECT topic, payload FROM discovery").fetchall():
-            object_id = topic.split("/")[-2]
-            owner = "bridge" if object_id == BRIDGE_OBJECT_ID else f"esim:{object_id[5:]}"
-            conn.execute("INSERT OR IGNORE INTO retained (owner, topic, payload) VALUES "
-                         "(?, ?, ?)", (owner, topic, payload))
-        conn.execute("DROP TABLE discovery")
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

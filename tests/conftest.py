@@ -10,6 +10,7 @@ import pytest
 from tests.brokers import Mosquitto
 from tests.processes import Watcher
 from tests.provider_standin import ProviderStandin
+from tests.stores import Place, postgres_database
 
 
 @pytest.fixture
@@ -50,3 +51,14 @@ def standin() -> Iterator[ProviderStandin]:
     """A stand-in for the provider's REST API on 127.0.0.1 (tests/provider_standin.py)."""
     with ProviderStandin() as running:
         yield running
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
+    """Where a store of the test's own lives, on each backend in turn: a SQLite file, or a
+    database of its own on the local PostgreSQL (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield tmp_path / "bridge.db"
+        return
+    with postgres_database() as url:
+        yield url

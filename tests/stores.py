@@ -1,14 +1,19 @@
 """A real store, driven from a test the way the bridge drives it: every write goes
-through the committer (group commit, the one transaction body), on an event loop."""
+through the committer (group commit, the one transaction body), on an event loop.
+
+On either backend: a place is a `Path` (SQLite) or a `postgresql://` URL (a database of
+the test's own on the PostgreSQL at 127.0.0.1:5432, made by `postgres_database`)."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bridge import __version__
 from bridge.committer import Committer
@@ -18,12 +23,28 @@ from bridge.outbox import Message
 from bridge.store import Accepted, Store
 from bridge.topics import Topics
 
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+Place = Path | str
+
 
 class Driver:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, place: Place) -> None:
         self.store = store
         self.committer = Committer(store)
-        self.db = sqlite3.connect(store.path, isolation_level=None)
+        self.db: Any
+        if isinstance(place, Path):
+            self.db = sqlite3.connect(place, isolation_level=None)
+            self.placeholder = "?"
+        else:
+            import psycopg
+
+            self.db = psycopg.connect(place, autocommit=True)
+            self.placeholder = "%s"
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A statement written with `?`, on a connection of the test's own."""
+        rows = self.db.execute(sql.replace("?", self.placeholder), params)
+        return list(rows) if rows.description else []
 
     def ingest(self, raw: bytes, received_at: datetime | None = None) -> Accepted:
         """Store one webhook body, as the HTTP route does; its outcome once committed."""
@@ -40,27 +61,33 @@ class Driver:
         return asyncio.run(self.committer.post(messages))
 
     def outbox(self, after: int = 0) -> list[tuple[int, Message]]:
-        rows = self.db.execute(
+        rows = self.execute(
             "SELECT id, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id", (after,)
         )
         return [(i, Message(t, bytes(p), bool(r))) for i, t, p, r in rows]
 
     def retained(self) -> dict[str, bytes]:
-        rows = self.db.execute("SELECT topic, payload FROM retained")
+        rows = self.execute("SELECT topic, payload FROM retained")
         return {topic: bytes(payload) for topic, payload in rows}
 
 
-@contextmanager
-def open_store(
-    path: Path, *, base: str = "esim", discovery: bool = True, prefix: str = "homeassistant",
-    synchronous: str = "full", forget_ended_days: float = 30,
-) -> Iterator[Driver]:
+def make_store(
+    place: Place, *, base: str = "esim", discovery: bool = True,
+    prefix: str = "homeassistant", synchronous: str = "full", forget_ended_days: float = 30,
+) -> Store:
     topics = Topics(base)
     ha = HomeAssistant(topics, prefix=prefix, version=__version__,
                        forget_ended_days=forget_ended_days) if discovery else None
-    store = Store(path, topics=topics, synchronous=synchronous, homeassistant=ha)
+    if isinstance(place, Path):
+        return Store(place, topics=topics, synchronous=synchronous, homeassistant=ha)
+    return Store(Path("unused"), topics=topics, homeassistant=ha, url=place)
+
+
+@contextmanager
+def open_store(place: Place, **settings: Any) -> Iterator[Driver]:
+    store = make_store(place, **settings)
     store.open()
-    driver = Driver(store)
+    driver = Driver(store, place)
     try:
         driver.resync()
         yield driver
@@ -68,3 +95,18 @@ def open_store(
         driver.db.close()
         driver.committer.close()
         store.close()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new database on the local PostgreSQL, dropped afterwards: its URL."""
+    import psycopg
+
+    name = f"esim_test_{secrets.token_hex(6)}"
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -64,6 +64,17 @@ def test_serve_with_a_bad_config_exits_2_without_starting(tmp_path: Path) -> Non
     assert result.returncode == 2 and "mqtt.url" in result.stderr
 
 
+def test_serve_on_postgresql_refuses_to_start_for_now(tmp_path: Path) -> None:
+    """The store runs on PostgreSQL, the rest of serve not yet: a clear no, the password
+    masked."""
+    path = write_config(tmp_path / "c.toml",
+                        {"store": {"url": "postgresql://esim:hunter2@127.0.0.1:9/esim"}})
+    result = cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "not finished yet" in result.stderr and "store.url" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
 def test_send_every_type_to_a_running_bridge(tmp_path: Path, mosquitto: Mosquitto) -> None:
     bridge = BridgeProcess(tmp_path, mosquitto.url).start()
     try:

@@ -116,6 +116,8 @@ def test_type_and_value_problems_are_reported_together(tmp_path: Path) -> None:
         ('[homeassistant]\nprefix = ""\n', "homeassistant.prefix"),
         ('[store]\nsynchronous = "off"\n', "store.synchronous"),
         ('[store]\nmax_outbox = 0\n', "store.max_outbox"),
+        ('[store]\nurl = "mysql://u:p@db/esim"\n', "store.url"),
+        ('[store]\nurl = "postgresql://u:p@db:port/esim"\n', "store.url"),
         ("[http\n", "not valid TOML"),
         ('http = 5\n', "http"),
     ],
@@ -136,6 +138,18 @@ def test_render_masks_secrets() -> None:
     assert "topsecret" not in text and "hunter2" not in text
     assert 'token = "***"' in text
     assert 'url = "mqtt://user:***@broker:1883"' in text
+
+
+def test_the_store_url_password_is_masked_in_check_config_and_in_errors(
+    tmp_path: Path,
+) -> None:
+    settings = load(None, {"ESIM_BRIDGE_STORE_URL": "postgresql://esim:hunter2@db:5432/esim"})
+    assert settings.store.url == "postgresql://esim:hunter2@db:5432/esim"
+    text = render(settings)
+    assert "hunter2" not in text and 'url = "postgresql://esim:***@db:5432/esim"' in text
+    found = problems(write(tmp_path, '[store]\nurl = "mysql://esim:hunter2@db/esim"\n'))
+    assert not [p for p in found if "hunter2" in p]
+    assert any("store.url" in p and "postgresql://" in p for p in found), found
 
 
 def test_mask_url_without_password() -> None:

@@ -11,6 +11,7 @@ sees the same examples every run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sqlite3
@@ -26,11 +27,12 @@ from hypothesis import strategies as st
 
 from bridge.models import KNOWN_TYPES, BadWebhook, decode
 from bridge.outbox import delete_outbox, runs
-from bridge.store import SCHEMA, dedup_key
+from bridge.sqlite import SCHEMA
+from bridge.store import dedup_key
 from bridge.topics import SEGMENT, Record, Topics, plan, route
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, survives
-from tests.stores import Driver, open_store
+from tests.stores import Driver, Place, open_store, postgres_database
 
 BASE = "esim"
 FAST = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
@@ -257,15 +259,20 @@ def test_deleting_many_scattered_messages_takes_several_statements() -> None:
     assert [row[0] for row in conn.execute("SELECT id FROM outbox")] == list(range(2, 1001, 2))
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
-    """A real store with Home Assistant discovery on, so odd fields reach that code too."""
-    path = tmp_path_factory.mktemp("properties") / "store.db"
-    with open_store(path, base=BASE, synchronous="normal") as driver:
-        yield driver
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Driver]:
+    """A real store with Home Assistant discovery on, so odd fields reach that code too;
+    on each backend."""
+    with contextlib.ExitStack() as stack:
+        place: Place = tmp_path_factory.mktemp("properties") / "store.db"
+        if request.param == "postgres":
+            place = stack.enter_context(postgres_database())
+        yield stack.enter_context(open_store(place, base=BASE, synchronous="normal"))
 
 
-SEEN: set[str] = set()  # dedup keys the module's store has taken
+SEEN: dict[int, set[str]] = {}  # per store: the dedup keys it has taken
 
 
 @STORED
@@ -283,8 +290,9 @@ def test_the_store_takes_every_well_formed_body(
     before = store.outbox()[-1][0] if store.outbox() else 0
     accepted = store.ingest(raw)
     added = [message for _, message in store.outbox(before)]
-    assert accepted.duplicate == (key in SEEN)
-    SEEN.add(key)
+    seen = SEEN.setdefault(id(store), set())
+    assert accepted.duplicate == (key in seen)
+    seen.add(key)
     if accepted.duplicate:
         assert added == []
         return

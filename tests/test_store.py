@@ -1,4 +1,5 @@
-"""The store on its own: what one acknowledgement costs the disk."""
+"""The store on its own, on each backend (`place`: SQLite, then PostgreSQL): what one
+acknowledgement costs the disk, the retained table, ICCID reuse, forgetting ended eSIMs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from bridge import outbox
 from tests.processes import FIXTURES
-from tests.stores import open_store
+from tests.stores import Place, open_store
 
 WEBHOOKS = 100
 # Measured: ~15 KB per webhook at 1 KB pages (~13 KB before the table of retained topics),
@@ -61,9 +62,9 @@ def data_usage(notify_id: str, remain: int, iccid: str = ICCID) -> bytes:
 
 
 def test_every_retained_message_sent_is_in_the_table_with_its_newest_payload(
-    tmp_path: Path,
+    place: Place,
 ) -> None:
-    with open_store(tmp_path / "bridge.db") as store:
+    with open_store(place) as store:
         for n in range(3):
             store.ingest(data_usage(f"r{n}", 1000 - n))
         sent = [m for _, m in store.outbox() if m.retain]
@@ -89,10 +90,10 @@ def test_the_snapshot_leaves_topics_still_in_the_outbox_to_it(tmp_path: Path) ->
     assert "homeassistant/device/esim_1111/config" in snapshot
 
 
-def test_a_new_base_topic_moves_every_retained_topic(tmp_path: Path) -> None:
-    with open_store(tmp_path / "bridge.db", base="old") as store:
+def test_a_new_base_topic_moves_every_retained_topic(place: Place) -> None:
+    with open_store(place, base="old") as store:
         store.ingest(data_usage("b1", 5))
-    with open_store(tmp_path / "bridge.db", base="new") as store:
+    with open_store(place, base="new") as store:
         kept = store.retained()
         sent = {m.topic: m.payload for _, m in store.outbox() if m.retain}
     assert kept[f"new/{ICCID}/data_remaining"] == b"5"
@@ -102,11 +103,11 @@ def test_a_new_base_topic_moves_every_retained_topic(tmp_path: Path) -> None:
     assert config["cmps"]["data_remaining"]["state_topic"] == f"new/{ICCID}/data_remaining"
 
 
-def test_discovery_turned_off_clears_every_config_and_nothing_else(tmp_path: Path) -> None:
-    with open_store(tmp_path / "bridge.db") as store:
+def test_discovery_turned_off_clears_every_config_and_nothing_else(place: Place) -> None:
+    with open_store(place) as store:
         store.ingest(data_usage("d1", 5))
         before = store.retained()
-    with open_store(tmp_path / "bridge.db", discovery=False) as store:
+    with open_store(place, discovery=False) as store:
         after = store.retained()
         cleared = {m.topic for _, m in store.outbox() if m.retain and not m.payload}
     configs = {topic for topic in before if topic.startswith("homeassistant/")}
@@ -139,18 +140,15 @@ def test_a_store_of_the_version_before_the_retained_table_is_upgraded(tmp_path: 
 
 
 def test_an_esim_an_older_version_stored_under_a_reserved_name_gets_no_topics(
-    tmp_path: Path,
+    place: Place,
 ) -> None:
     """Before `bridge` was refused as an iccid, it was stored: its topics would write over
     the bridge's own."""
-    path = tmp_path / "bridge.db"
-    with open_store(path) as store:
+    with open_store(place) as store:
         store.ingest(data_usage("x1", 5))
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("INSERT INTO entity SELECT 'esim:bridge', record FROM entity WHERE key = ?",
-               (f"esim:{ICCID}",))
-    db.close()
-    with open_store(path) as store:
+        store.execute("INSERT INTO entity SELECT 'esim:bridge', record FROM entity WHERE key = ?",
+                      (f"esim:{ICCID}",))
+    with open_store(place) as store:
         assert not [topic for topic in store.retained() if topic.startswith("esim/bridge/")]
 
 
@@ -162,10 +160,10 @@ def esim_event(kind: str, notify_id: str, tran: str, when: str, **content: objec
                        "content": {"iccid": ICCID, "esimTranNo": tran, **content}}).encode()
 
 
-def test_a_reused_iccid_starts_afresh_and_clears_what_the_new_esim_lacks(tmp_path: Path) -> None:
+def test_a_reused_iccid_starts_afresh_and_clears_what_the_new_esim_lacks(place: Place) -> None:
     """The provider gives a used ICCID to a new eSIM (another esimTranNo): nothing of the
     earlier one may carry over, on the broker either."""
-    with open_store(tmp_path / "bridge.db") as store:
+    with open_store(place) as store:
         store.ingest(esim_event("DATA_USAGE", "a1", "OLD", "2026-01-01T00:00:00Z",
                                 totalVolume=1000, orderUsage=900, remain=100))
         store.ingest(esim_event("SMDP_EVENT", "a2", "OLD", "2026-01-01T01:00:00Z",
@@ -190,9 +188,9 @@ def test_a_reused_iccid_starts_afresh_and_clears_what_the_new_esim_lacks(tmp_pat
 
 
 def test_a_late_event_of_the_earlier_esim_changes_nothing_but_the_event_topics(
-    tmp_path: Path,
+    place: Place,
 ) -> None:
-    with open_store(tmp_path / "bridge.db") as store:
+    with open_store(place) as store:
         store.ingest(esim_event("ESIM_STATUS", "n1", "NEW", "2026-02-01T00:00:00Z",
                                 esimStatus="IN_USE"))
         before = store.outbox()[-1][0]
@@ -206,8 +204,8 @@ def test_a_late_event_of_the_earlier_esim_changes_nothing_but_the_event_topics(
     assert accepted.notice is not None and "earlier eSIM" in accepted.notice
 
 
-def test_the_same_esim_without_an_esim_tran_no_is_not_a_reuse(tmp_path: Path) -> None:
-    with open_store(tmp_path / "bridge.db") as store:
+def test_the_same_esim_without_an_esim_tran_no_is_not_a_reuse(place: Place) -> None:
+    with open_store(place) as store:
         store.ingest(esim_event("DATA_USAGE", "s1", "T1", "2026-01-01T00:00:00Z", remain=5))
         raw = json.dumps({"notifyType": "ESIM_STATUS", "notifyId": "s2",
                           "content": {"iccid": ICCID, "esimStatus": "IN_USE"}}).encode()
@@ -229,13 +227,13 @@ def expiring(notify_id: str, days_ago: float) -> bytes:
 
 
 def test_an_esim_expired_longer_than_forget_ended_days_leaves_home_assistant(
-    tmp_path: Path,
+    place: Place,
 ) -> None:
     """Its discovery config is cleared; its retained topics stay."""
-    with open_store(tmp_path / "bridge.db", forget_ended_days=30) as store:
+    with open_store(place, forget_ended_days=30) as store:
         store.ingest(expiring("e1", days_ago=10))
         assert store.forget() == 0 and CONFIG in store.retained()
-    with open_store(tmp_path / "bridge.db", forget_ended_days=5) as store:  # at start
+    with open_store(place, forget_ended_days=5) as store:  # at start
         kept = store.retained()
         assert CONFIG not in kept and f"esim/{ICCID}/expires_at" in kept
         assert (CONFIG, b"") in [(m.topic, m.payload) for _, m in store.outbox()]
@@ -243,21 +241,21 @@ def test_an_esim_expired_longer_than_forget_ended_days_leaves_home_assistant(
 
 
 def test_a_cancelled_esim_is_forgotten_counted_from_when_it_was_cancelled(
-    tmp_path: Path,
+    place: Place,
 ) -> None:
     cancel = json.dumps({"notifyType": "ESIM_STATUS", "notifyId": "c1",
                          "content": {"iccid": ICCID, "esimStatus": "CANCEL"}}).encode()
-    with open_store(tmp_path / "bridge.db", forget_ended_days=1) as store:
+    with open_store(place, forget_ended_days=1) as store:
         store.ingest(cancel)
         assert store.forget() == 0  # cancelled just now
         assert CONFIG in store.retained()
-    with open_store(tmp_path / "bridge.db", forget_ended_days=0) as store:
+    with open_store(place, forget_ended_days=0) as store:
         assert CONFIG not in store.retained()
         assert f"esim/{ICCID}/status" in store.retained()
 
 
-def test_forget_runs_through_the_one_transaction_and_clears_once(tmp_path: Path) -> None:
-    with open_store(tmp_path / "bridge.db", forget_ended_days=30) as store:
+def test_forget_runs_through_the_one_transaction_and_clears_once(place: Place) -> None:
+    with open_store(place, forget_ended_days=30) as store:
         store.ingest(expiring("f1", days_ago=40))  # ended long ago: no config from the start
         assert CONFIG not in store.retained()
         store.ingest(data_usage("f2", 5, iccid="1111"))  # alive
