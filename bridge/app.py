@@ -74,8 +74,10 @@ class Services:
         ) if ha.discovery else None
         broker = EmbeddedBroker(config.mqtt.embedded_listen) if config.mqtt.url is None else None
         path = Path(config.store.path)
+        url = config.store.url  # PostgreSQL, instead of the SQLite file at `path`
         store = Store(
             path,
+            url=url,
             topics=topics,
             dedup_hours=config.store.dedup_hours,
             max_outbox=config.store.max_outbox,
@@ -87,6 +89,7 @@ class Services:
             Settings(
                 db_path=str(path),
                 synchronous=config.store.synchronous,
+                store_url=url,
                 address=BrokerAddress.parse(broker.url if broker else str(config.mqtt.url)),
                 client_id=config.mqtt.client_id,
                 state_topic=topics.bridge_state,
@@ -98,7 +101,8 @@ class Services:
             )
         )
         maintenance = Maintenance(
-            path, synchronous=config.store.synchronous, dedup_hours=config.store.dedup_hours
+            path, synchronous=config.store.synchronous, dedup_hours=config.store.dedup_hours,
+            url=url,
         )
         return cls(config, topics, store, Committer(store), maintenance, publisher, broker)
 

@@ -113,20 +113,18 @@ def serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    if settings.store.url is not None:
-        # The store works on PostgreSQL (bridge/postgres.py), but the publisher, the one
-        # publishing replica and the upkeep do not yet: refuse rather than half-work.
-        print(f"esim-bridge: store.url = {config.mask_url(settings.store.url)!r}: several "
-              "replicas on PostgreSQL are not finished yet; this version serves from the "
-              "SQLite file of store.path only. Leave store.url out (and "
-              "ESIM_BRIDGE_STORE_URL unset) to serve.", file=sys.stderr)
-        return EXIT_CONFIG
     store_path = Path(settings.store.path)
-    try:
-        store_lock = _lock_store(store_path)
-    except OSError as exc:
-        print(f"esim-bridge: cannot use the store at {store_path}: {exc}", file=sys.stderr)
-        return 1
+    if settings.store.url is not None:
+        # PostgreSQL: no file to lock. One replica for now (one publisher per database is
+        # not chosen yet): run one `serve` per database.
+        store_lock: IO[bytes] | None = open(os.devnull, "wb")  # noqa: SIM115 - closed below
+    else:
+        try:
+            store_lock = _lock_store(store_path)
+        except OSError as exc:
+            print(f"esim-bridge: cannot use the store at {store_path}: {exc}",
+                  file=sys.stderr)
+            return 1
     if store_lock is None:
         print(f"esim-bridge: the store {store_path} is in use by another esim-bridge. Stop "
               "that one, or give this one a store.path of its own.", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""SQLite connections as the bridge opens them, for the webhook process and the publisher.
+"""SQLite connections as the bridge opens them, for the webhook process and the publisher;
+and the publisher's and the upkeep's PostgreSQL connections (`store.url`).
 
 One file, several connections in WAL mode: the webhook process's writer, the
 maintenance thread, and the publisher process's reader and deleter. Each waits for
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 # New databases use 1 KB pages. A commit writes each page it touched whole, to the WAL
 # and later again into the database; one webhook touches ~10 pages (outbox, dedup,
@@ -38,3 +40,21 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
     """Another connection holds the lock (SQLITE_BUSY or _LOCKED, any extended code):
     nothing is wrong, try again later."""
     return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def connect_postgres(url: str, application_name: str = "esim-bridge") -> Any:
+    """A psycopg connection in autocommit (each statement commits by itself), for the
+    publisher's reads and deletes and the upkeep's cleanup on PostgreSQL. Imported here:
+    psycopg only with esim-bridge[postgres], and only when store.url is set."""
+    import psycopg
+
+    return psycopg.connect(
+        url, autocommit=True, connect_timeout=3, keepalives=1, keepalives_idle=5,
+        keepalives_interval=2, keepalives_count=3, application_name=application_name,
+    )
+
+
+def postgres_errors() -> tuple[type[Exception], ...]:
+    import psycopg
+
+    return (psycopg.Error,)

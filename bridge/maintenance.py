@@ -1,7 +1,8 @@
 """Store upkeep on a thread of its own: checkpoints, and forgetting old notify ids.
 
 Copying the WAL into the database runs here, on a connection of its own (a passive
-checkpoint never blocks a writer), so a commit never pays for a checkpoint.
+checkpoint never blocks a writer), so a commit never pays for a checkpoint. On PostgreSQL
+(`store.url`) there is nothing to checkpoint: only the old notify ids are deleted.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ CLEANUP_EVERY = 600.0  # s between deletions of notify ids older than store.dedu
 CHECKPOINT_EVERY = 0.1  # s: small checkpoints, so the database's fsync is small too
 RESTART_FRAMES = 1000  # WAL pages (of db.PAGE_SIZE in a new database) before it starts over
 RESTART_BUSY = 0.02  # s
+RETRY_EVERY = 60.0  # s: PostgreSQL out of reach, the cleanup is tried again after this
 
 
 class Maintenance:
     """`start()` after the store is open, `stop()` before it closes."""
 
-    def __init__(self, path: Path, *, synchronous: str, dedup_hours: float) -> None:
+    def __init__(
+        self, path: Path, *, synchronous: str, dedup_hours: float, url: str | None = None
+    ) -> None:
         self.path = path
+        self.url = url
         self.synchronous = synchronous
         self.dedup_seconds = dedup_hours * 3600
         self._stopping = threading.Event()
@@ -35,7 +40,8 @@ class Maintenance:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="store-maintenance", daemon=True)
+        run = self._run if self.url is None else self._run_postgres
+        self._thread = threading.Thread(target=run, name="store-maintenance", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -75,6 +81,25 @@ class Maintenance:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
+
+
+    def _run_postgres(self) -> None:
+        """Forget old notify ids every CLEANUP_EVERY seconds, on a connection opened for
+        it; a database out of reach is tried again a minute later."""
+        assert self.url is not None
+        errors = db.postgres_errors()
+        delay = 0.0
+        while not self._stopping.wait(delay):
+            cutoff = time.time() - self.dedup_seconds
+            try:
+                conn = db.connect_postgres(self.url, "esim-bridge-upkeep")
+                with contextlib.closing(conn):
+                    conn.execute("DELETE FROM seen WHERE at < %s", (cutoff,))
+            except errors as exc:
+                log.warning("store maintenance could not run: %s", exc)
+                delay = RETRY_EVERY
+            else:
+                delay = CLEANUP_EVERY
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:

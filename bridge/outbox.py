@@ -4,7 +4,7 @@ The webhook process writes both in one transaction (`bridge/store.py`): `outbox`
 every finished MQTT message in the order it must leave, `retained` the latest payload of
 every retained topic the bridge stands for. The publisher only reads them and deletes
 what the broker acknowledged; it never decides what a message says, so it imports no
-mapping code.
+mapping code. The functions take a SQLite connection or a psycopg one (`store.url`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,22 @@ class Message(msgspec.Struct, frozen=True, array_like=True):
     retain: bool
 
 
-def read_outbox(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, Message]]:
+def _spelled(conn: Connection, sql: str) -> str:
+    """`sql` (written with SQLite's `?` placeholders) as `conn`'s engine spells it:
+    psycopg's are `%s`."""
+    return sql if isinstance(conn, sqlite3.Connection) else sql.replace("?", "%s")
+
+
+def read_outbox(conn: Connection, after: int, limit: int) -> list[tuple[int, Message]]:
     rows = conn.execute(
-        "SELECT id, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+        _spelled(conn, "SELECT id, topic, payload, retain FROM outbox WHERE id > ? "
+                       "ORDER BY id LIMIT ?"),
         (after, limit),
     )  # iterated, not fetched first: one copy of up to `limit` payloads in memory, not two
     return [(row[0], Message(row[1], row[2], bool(row[3]))) for row in rows]
 
 
-def snapshot(conn: sqlite3.Connection, after: int) -> Iterator[Message]:
+def snapshot(conn: Connection, after: int) -> Iterator[Message]:
     """Every retained topic the bridge stands for, with its latest payload, for a broker
     that may have lost them; except the topics with a message still waiting in the
     outbox after row `after`: those go out in order anyway and end at the same payload
@@ -42,9 +49,10 @@ def snapshot(conn: sqlite3.Connection, after: int) -> Iterator[Message]:
     newest first would show a subscriber older values after newer ones."""
     # one statement: the table and the outbox as of one moment; read as it is sent, not
     # all at once (a fleet of 10,000 eSIMs is 100,000 topics and 50 MB of configs)
+    # (`retain <> 0`: a SMALLINT on PostgreSQL, which is no boolean there)
     rows = conn.execute(
-        "SELECT topic, payload FROM retained WHERE topic NOT IN "
-        "(SELECT topic FROM outbox WHERE id > ? AND retain)",
+        _spelled(conn, "SELECT topic, payload FROM retained WHERE topic NOT IN "
+                       "(SELECT topic FROM outbox WHERE id > ? AND retain <> 0)"),
         (after,),
     )
     for topic, payload in rows:
@@ -78,18 +86,20 @@ def runs(ids: list[int]) -> list[tuple[int, int]]:
 RANGES_PER_DELETE = 200
 
 
-def delete_outbox(conn: sqlite3.Connection, ids: list[int]) -> None:
+def delete_outbox(conn: Connection, ids: list[int]) -> None:
     """Drop rows the broker acknowledged. Acknowledgements come in order, so the ids are
     a few ranges, deleted in one statement (per 200 ranges) in autocommit: SQLite takes
     the write lock, deletes and commits inside that one call. A transaction spanning
     several calls would hold the lock, which the webhook side waits for, while this
-    process waits for its GIL between the calls: milliseconds.
+    process waits for its GIL between the calls: milliseconds. On PostgreSQL, `conn` is
+    in autocommit likewise.
     (A lost delete only means a message is sent again: at-least-once.)"""
     ranges = runs(ids)
     for start in range(0, len(ranges), RANGES_PER_DELETE):
         chunk = ranges[start:start + RANGES_PER_DELETE]
         where = " OR ".join(["id BETWEEN ? AND ?"] * len(chunk))
-        conn.execute(f"DELETE FROM outbox WHERE {where}", [i for pair in chunk for i in pair])
+        conn.execute(_spelled(conn, f"DELETE FROM outbox WHERE {where}"),
+                     [i for pair in chunk for i in pair])
 
 
 def backlog(conn: Connection) -> int:

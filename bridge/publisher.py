@@ -6,8 +6,9 @@ for the GIL. The parent talks to it over the child's stdin (the settings, then a
 request), wakes it with a byte per commit on a pipe of its own, and reads its status as
 JSON lines on its stdout. When the parent dies, stdin closes and the child leaves at
 once, without a DISCONNECT, so the broker publishes the last will `offline`. It reads
-the outbox from SQLite in order and hands each message to paho at QoS 1, keeping up to
-`window` messages unacknowledged. A row leaves the outbox only after the broker's PUBACK.
+the outbox from the store (SQLite, or PostgreSQL with store.url) in order and hands each
+message to paho at QoS 1, keeping up to `window` messages unacknowledged. A row leaves
+the outbox only after the broker's PUBACK.
 Each message in flight is kept as its finished PUBLISH packet (`bridge/mqttclient.py`
 builds it; paho's message objects cost two fifths of this process's CPU) and sent again,
 in order, after a reconnect; a restart starts again from the oldest row still in the
@@ -95,6 +96,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     db_path: str
     synchronous: str
+    # PostgreSQL (store.url) instead of the SQLite file at db_path; a password in it
+    # stays off argv: the settings go over stdin
+    store_url: str | None = None
     address: BrokerAddress
     client_id: str
     state_topic: str  # `online` on connect, `offline` on stop and as the last will
@@ -220,14 +224,23 @@ class Publisher:
         self._snapshot_at: float | None = None
         self._stopping = False
         self._deadline: float | None = None  # set when the drain on stop begins
-        # reads, and deletes of sent rows: a delete lost in a power cut only means a
-        # message is sent again, so it need not wait for the disk
-        self._db = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
-        # Deletes never wait for the bridge's write lock: when it is busy committing, the
-        # ids are kept and deleted with the next ones, instead of SQLite's busy handler
-        # sleeping (1, 2, 5, 10 ms...) here while messages wait to be published.
-        self._deleter = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
-        self._deleter.execute("PRAGMA busy_timeout=0")
+        self._db: Any = None
+        self._deleter: Any = None
+        # PostgreSQL may be out of reach for a while: its errors close the connection, which
+        # is opened again on the next turn (SQLite's errors end the process, as they did)
+        self._db_errors: tuple[type[Exception], ...] = ()
+        self._db_warned = 0.0
+        if settings.store_url is None:
+            # reads, and deletes of sent rows: a delete lost in a power cut only means a
+            # message is sent again, so it need not wait for the disk
+            self._db = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
+            # Deletes never wait for the bridge's write lock: when it is busy committing,
+            # the ids are kept and deleted with the next ones, instead of SQLite's busy
+            # handler sleeping (1, 2, 5, 10 ms...) here while messages wait to be published.
+            self._deleter = db.connect(Path(settings.db_path), "off", db.SMALL_CACHE_KIB)
+            self._deleter.execute("PRAGMA busy_timeout=0")
+        else:
+            self._db_errors = db.postgres_errors()
         self._delete_warned = 0.0
         self._published = 0
 
@@ -373,16 +386,51 @@ class Publisher:
             self._flush_done()
             self._wait(0.5)
             return
-        if self._snapshot_at is not None and time.monotonic() >= self._snapshot_at:
-            self._snapshot_at = None
-            self._publish_snapshot()
-        rows = outbox.read_outbox(self._db, self._cursor, READ_BATCH)
+        if self._db is None and not self._connect_store():
+            self._wait(0.5)
+            return
+        snapshot_at = self._snapshot_at
+        try:
+            if snapshot_at is not None and time.monotonic() >= snapshot_at:
+                self._snapshot_at = None
+                self._publish_snapshot()
+            rows = outbox.read_outbox(self._db, self._cursor, READ_BATCH)
+        except self._db_errors as exc:
+            if snapshot_at is not None and self._snapshot_at is None:
+                self._snapshot_at = time.monotonic()  # all of it again, once it is back
+            self._store_lost(exc)
+            self._wait(0.5)
+            return
         if rows:
             self._publish_rows(rows)
             return
         if time.monotonic() - self._flushed_at >= DELETE_EVERY:
             self._flush_done()
         self._wait(0.25 if self._snapshot_at is None else 0.05)
+
+    def _connect_store(self) -> bool:
+        """(Re)connect to PostgreSQL: one autocommit connection reads the outbox and deletes
+        what was sent (this loop is its only user)."""
+        assert self.settings.store_url is not None
+        try:
+            self._db = self._deleter = db.connect_postgres(
+                self.settings.store_url, "esim-bridge-publisher")
+        except self._db_errors as exc:
+            self._store_lost(exc)
+            return False
+        log.info("connected to the store")
+        return True
+
+    def _store_lost(self, exc: Exception) -> None:
+        """A PostgreSQL error: drop the connection, say so now and then, reconnect later.
+        Messages in flight keep their rows; only their deletes wait (at-least-once)."""
+        conn, self._db, self._deleter = self._db, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if time.monotonic() - self._db_warned > 10:
+            self._db_warned = time.monotonic()
+            log.warning("cannot read the outbox from the store: %s; trying again", exc)
 
     def _wait(self, timeout: float) -> None:
         """Wait up to `timeout` for a poke from the parent or for the broker, then let paho
@@ -453,12 +501,26 @@ class Publisher:
             self._step()
             self._take_acks()
             self._flush_done()
-            if not self._pending and not outbox.read_outbox(self._db, 0, 1):
+            if not self._pending and self._outbox_empty():
                 return
-        left = outbox.backlog(self._db)
+        left = 0
+        if self._db is not None:
+            try:
+                left = outbox.backlog(self._db)
+            except self._db_errors as exc:
+                self._store_lost(exc)
         if left:
             log.warning("stopping with %d messages still in the outbox; they are sent on the "
                         "next start", left)
+
+    def _outbox_empty(self) -> bool:
+        if self._db is None:
+            return False
+        try:
+            return not outbox.read_outbox(self._db, 0, 1)
+        except self._db_errors as exc:
+            self._store_lost(exc)
+            return False
 
     def _publish_rows(self, rows: list[tuple[int, Message]]) -> None:
         """Send a batch in order, every message of it."""
@@ -529,7 +591,7 @@ class Publisher:
     def _flush_done(self) -> None:
         """Delete acknowledged rows. If the store cannot write (disk full), keep them and
         try again later: they are only sent again after a restart (at-least-once)."""
-        if not self._done:
+        if not self._done or self._deleter is None:
             return
         try:
             outbox.delete_outbox(self._deleter, self._done)
@@ -541,6 +603,9 @@ class Publisher:
             return
         except sqlite3.Error as exc:
             log.warning("could not delete sent messages from the outbox: %s", exc)
+            return
+        except self._db_errors as exc:
+            self._store_lost(exc)
             return
         self._done = []
         self._flushed_at = time.monotonic()

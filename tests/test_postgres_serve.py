@@ -1,0 +1,216 @@
+"""`esim-bridge serve` on PostgreSQL (`store.url`), one replica, end to end.
+
+The real bridge on a database of its own on the local PostgreSQL and a real Mosquitto:
+webhooks reach their topics and Home Assistant's discovery; a `kill -9` with a backlog
+that never reached the broker loses nothing acknowledged; a restart republishes the
+retained state from the database to a broker that lost it; and PostgreSQL out of reach
+means 503 and a reason on /readyz, until it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.brokers import Mosquitto, free_port
+from tests.processes import BridgeProcess, Watcher, fixture, retained
+from tests.stores import postgres_database
+from tests.test_faults import (
+    Poster,
+    assert_delivered,
+    assert_retained_state,
+    crash,
+    hooks,
+    iccids,
+    ids,
+    wait_for_events,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path / "mosquitto")
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()
+
+
+@pytest.fixture
+def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+    made: list[BridgeProcess] = []
+
+    def make(mqtt_url: str, store_url: str, **sections: dict[str, Any]) -> BridgeProcess:
+        sections.setdefault("homeassistant", {"discovery": False})
+        sections.setdefault("store", {})["url"] = store_url
+        process = BridgeProcess(tmp_path / f"bridge{len(made)}", mqtt_url, sections)
+        made.append(process)
+        return process
+
+    try:
+        yield make
+    finally:
+        for process in made:
+            process.stop()
+
+
+def test_a_webhook_and_discovery_arrive_and_a_restart_republishes_them(
+    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    broker.start()
+    bridge = make_bridge(broker.url, database, homeassistant={"discovery": True}).start()
+    body = fixture("data_usage")
+    iccid = json.loads(body)["content"]["iccid"]
+    with Watcher(broker.port, ["esim/#", "homeassistant/#"]) as watcher:
+        assert bridge.post(body).status == 200
+        watcher.wait_for("esim/event/DATA_USAGE")
+        watcher.wait_for(f"esim/{iccid}/data_remaining", b"5351505742")
+        watcher.wait_for(f"homeassistant/device/esim_{iccid}/config")
+        watcher.wait_for("homeassistant/device/esim_bridge/config")
+    assert bridge.post(body).status == 200  # a duplicate: stored once, on PostgreSQL
+    assert not (bridge.workdir / "bridge.db").exists(), "no SQLite file with store.url"
+    assert not (bridge.workdir / "bridge.db.lock").exists()
+
+    def wanted() -> dict[str, bytes]:
+        held = retained(broker.port, "#", wait=0.5)
+        return {t: p for t, p in held.items()
+                if t.startswith(f"esim/{iccid}/") or t.startswith("homeassistant/")}
+
+    wait_until(lambda: f"homeassistant/device/esim_{iccid}/config" in wanted(), "retained", 10)
+    before = wanted()
+    assert bridge.terminate() == 0
+    crash(broker)  # without persistence: every retained message is gone
+    broker.start()
+    assert not wanted()
+    bridge.start()  # the same database: the retained table is all it has
+    wait_until(lambda: wanted() == before, "the retained state again, from PostgreSQL", 20)
+    assert retained(broker.port, "esim/bridge/state", wait=0.5) == {"esim/bridge/state": b"online"}
+
+
+def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
+    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    broker.start()
+    bridge = make_bridge(broker.url, database).start()
+    broker.stop()  # nothing drains
+    batch = hooks("pgcrash", iccids("21", 6), 300)
+    poster = Poster(bridge, batch, stop_on_error=True).start()
+    poster.wait_acked(120)
+    bridge.kill()  # SIGKILL while requests are in flight
+    poster.join()
+    acked = list(poster.acked)
+    assert len(acked) < len(batch), "the stream was over before the kill"
+
+    broker.start()
+    with Watcher(broker.port, ["esim/#"]) as watcher:
+        bridge.start()
+        wait_for_events([watcher], ids(acked), timeout=30)
+        watcher.settle()
+        assert_delivered(list(watcher.messages), acked, poster.unanswered())
+    assert_retained_state(broker.port, acked, poster.unanswered())
+
+
+class Proxy:
+    """A TCP relay to PostgreSQL that the test can cut (every connection dropped, new
+    ones refused) and restore: the database out of reach, without stopping the shared
+    server."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url_for(self) -> Callable[[str], str]:
+        return lambda url: url.replace(f":{self.target[1]}/", f":{self.port}/")
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=3)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_postgresql_out_of_reach_answers_503_says_why_and_recovers_by_itself(
+    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    proxy = Proxy(("127.0.0.1", 5432))
+    proxy.start()
+    try:
+        broker.start()
+        bridge = make_bridge(broker.url, proxy.url_for(database)).start()
+        batch = hooks("pgdown", iccids("22", 2), 6)
+        assert bridge.post(batch[0].body).status == 200
+        proxy.cut()
+        assert bridge.post(batch[1].body).status == 503
+        ready = bridge.get("/readyz")
+        assert ready.status == 503
+        reasons = " ".join(ready.json()["reasons"])
+        assert "store" in reasons, reasons
+        proxy.start()
+        # no webhook needed: the bridge finds its way back by itself
+        wait_until(lambda: bridge.get("/readyz").status == 200, "ready again", 20)
+        with Watcher(broker.port, ["esim/#"]) as watcher:
+            for hook in batch[2:]:
+                assert bridge.post(hook.body).status == 200
+            wait_for_events([watcher], ids(batch[2:]), timeout=20)
+        assert_retained_state(broker.port, batch[2:])
+    finally:
+        proxy.cut()
