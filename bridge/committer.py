@@ -44,6 +44,7 @@ BATCH_LIMIT = 512
 # 500 webhooks/s): the median acknowledgement at 500/s fell from 2.0-2.7 to 1.6-2.1 ms.
 INLINE_COMMIT = 2
 WRITE_BUSY = 0.25  # s: longest wait for another writer (publisher delete, cleanup): then 503
+BUSY_TRIES = 20  # ... and at least this many tries (one a millisecond) before giving up
 
 _Queued = tuple[Write, "asyncio.Future[Outcome]"]
 
@@ -58,6 +59,7 @@ class Committer:
         self._scheduled = False
         self._committing = False
         self._busy_since: float | None = None
+        self._busy_tries = 0
         self._listeners: list[Callable[[Batch], None]] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
 
@@ -137,20 +139,24 @@ class Committer:
         except self.store.errors as exc:
             now = time.monotonic()
             since = self._busy_since = self._busy_since or now
-            if self.store.is_busy(exc) and now - since < WRITE_BUSY:
+            self._busy_tries += 1
+            # Both a time and a number of tries: a process paused meanwhile (SIGSTOP, a
+            # VM stopped) must not wake up past WRITE_BUSY and give up without trying.
+            waited = now - since >= WRITE_BUSY and self._busy_tries >= BUSY_TRIES
+            if self.store.is_busy(exc) and not waited:
                 self._scheduled = True
                 if now - since < 0.001:
                     loop.call_soon(self._flush, loop)
                 else:
                     loop.call_later(0.001, self._flush, loop)
                 return False
-            self._busy_since = None
+            self._busy_since, self._busy_tries = None, 0
             self._fail_queue(exc, loop)
             return False
         except StoreUnavailable as exc:
             self._fail_queue(exc, loop)
             return False
-        self._busy_since = None
+        self._busy_since, self._busy_tries = None, 0
         return True
 
     def _take(self) -> list[_Queued]:
