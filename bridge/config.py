@@ -218,17 +218,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
     if not config.http.path.startswith("/") or config.http.path.rstrip("/") == "":
         problems.append(f"http.path = {config.http.path!r}: must start with / and not be /")
     if config.mqtt.url is not None:
-        parts = _split(config.mqtt.url)
-        if parts is None or parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            problems.append(
-                f"mqtt.url = {mask_url(config.mqtt.url)!r}: expected "
-                "mqtt://[user:pass@]host[:port] or mqtts://..."
-            )
-        else:
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                problems.append(f"mqtt.url = {mask_url(config.mqtt.url)!r}: the port is not valid")
+        _check_url("mqtt.url", config.mqtt.url, ("mqtt", "mqtts"),
+                   "mqtt://[user:pass@]host[:port] or mqtts://...", problems)
     host, sep, port = config.mqtt.embedded_listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         problems.append(
@@ -242,19 +233,9 @@ def _check_values(config: Config, problems: list[str]) -> None:
         problems.append(f"homeassistant.prefix = {config.homeassistant.prefix!r}: not a topic")
     _check_provider(config.provider, problems)
     if config.store.url is not None:
-        parts = _split(config.store.url)
-        if parts is None or parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-            problems.append(
-                f"store.url = {mask_url(config.store.url)!r}: expected "
-                "postgresql://user:pass@host[:port]/database (PostgreSQL is the only "
-                "engine besides the SQLite file of store.path)"
-            )
-        else:
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                problems.append(f"store.url = {mask_url(config.store.url)!r}: the port is "
-                                "not valid")
+        _check_url("store.url", config.store.url, ("postgresql", "postgres"),
+                   "postgresql://user:pass@host[:port]/database (PostgreSQL is the only "
+                   "engine besides the SQLite file of store.path)", problems)
     if config.store.synchronous not in ("full", "normal"):
         problems.append(f"store.synchronous = {config.store.synchronous!r}: 'full' or 'normal'")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
@@ -295,6 +276,21 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> 
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _check_url(
+    key: str, url: str, schemes: tuple[str, ...], expected: str, problems: list[str]
+) -> None:
+    """A URL of one of `schemes` with a host and a valid port, or a problem naming `key`
+    (the password masked)."""
+    parts = _split(url)
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
+        problems.append(f"{key} = {mask_url(url)!r}: expected {expected}")
+        return
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        problems.append(f"{key} = {mask_url(url)!r}: the port is not valid")
 
 
 def _split(url: str) -> SplitResult | None:
