@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +63,7 @@ class Services:
     broker: EmbeddedBroker | None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     info_posted: int = 0  # bridge/info messages put in the outbox (not counted as published)
 
     @classmethod
@@ -85,13 +88,16 @@ class Services:
             homeassistant=extension,
             keep_activation=config.provider.publish_activation,
         )
+        client_id = config.mqtt.client_id
+        if url is not None:  # several replicas may share the store: one id each
+            client_id = f"{client_id}-{socket.gethostname()}-{os.getpid()}"
         publisher = PublisherProcess(
             Settings(
                 db_path=str(path),
                 synchronous=config.store.synchronous,
                 store_url=url,
                 address=BrokerAddress.parse(broker.url if broker else str(config.mqtt.url)),
-                client_id=config.mqtt.client_id,
+                client_id=client_id,
                 state_topic=topics.bridge_state,
                 qos=config.mqtt.qos,
                 keepalive=config.mqtt.keepalive,
@@ -119,15 +125,25 @@ class Services:
             "esims": self.store.esims,
         }
 
+    @property
+    def publishing(self) -> bool:
+        """This replica publishes and calls the provider: always with SQLite (one bridge);
+        with store.url, while its publisher holds the lease (bridge/lease.py)."""
+        return self.config.store.url is None or self.publisher.publishing
+
     def readiness(self) -> list[str]:
-        """Why the bridge is not ready; empty when it is."""
+        """Why the bridge is not ready; empty when it is. A replica that does not publish
+        is ready when its store works: it takes webhooks for the one that does."""
         reasons = []
         if not (self.store.is_open and self.maintenance.alive):
             reasons.append("the store is not running")
         elif self.committer.last_error:
             reasons.append(self.committer.last_error)
         publisher = self.publisher
-        if not publisher.connected:
+        if not self.publishing:
+            if publisher.status.lease_error:
+                reasons.append(publisher.status.lease_error)
+        elif not publisher.connected:
             address = publisher.address
             reasons.append(f"not connected to the MQTT broker at {address.host}:"
                            f"{address.port}: {publisher.last_error}")
@@ -247,6 +263,7 @@ async def _publisher(services: Services, app: Litestar) -> AsyncIterator[None]:
         published=lambda: publisher.published,
         connected=lambda: float(publisher.connected),
         esims=lambda: store.esims,
+        publishing=lambda: float(services.publishing),
     )
     await asyncio.to_thread(publisher.start)
     try:
@@ -283,7 +300,7 @@ async def _provider_sync(services: Services, app: Litestar) -> AsyncIterator[Non
                 loop.call_soon_threadsafe(sync.refresh, target)
 
         services.publisher.on_command(command)
-        task = asyncio.create_task(sync.run())
+        task = asyncio.create_task(_while_publishing(services, sync.run))
         try:
             yield
         finally:
@@ -319,11 +336,33 @@ async def _forget_ended(services: Services, app: Litestar) -> AsyncIterator[None
             with contextlib.suppress(StoreUnavailable):  # logged; the next hour tries again
                 await services.committer.forget()
 
-    task = asyncio.create_task(forget())
+    task = asyncio.create_task(_while_publishing(services, forget))
     try:
         yield
     finally:
         task.cancel()
+
+
+ROLE_EVERY = 0.5  # s between looks at whether this replica publishes
+
+
+async def _while_publishing(
+    services: Services, work: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Run `work()` while this replica publishes: of several replicas, the publishing one
+    alone calls the provider and forgets ended eSIMs. Cancelled when it steps down, and
+    started afresh when it publishes again (with SQLite, it always does)."""
+    while True:
+        while not services.publishing:
+            await asyncio.sleep(ROLE_EVERY)
+        task = asyncio.create_task(work())
+        try:
+            while services.publishing and not task.done():
+                await asyncio.sleep(ROLE_EVERY)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # a failure of its own is raised here, as it was before
 
 
 INFO_EVERY = 5.0  # s between looks at the counts while the broker is connected
@@ -346,6 +385,7 @@ async def _publish_info(services: Services) -> None:
             payload = msgspec.json.encode({
                 "version": __version__,
                 "started_at": services.started_at.isoformat(),
+                "publisher": services.replica,  # this one: only the publishing replica says
                 "counts": counts,
             })
             try:

@@ -49,6 +49,11 @@ class Metrics:
         self.esims = Gauge(
             "esim_bridge_esims", "eSIMs known to the store", registry=self.registry
         )
+        self.publishing = Gauge(
+            "esim_bridge_publishing", "1 while this replica publishes and calls the provider "
+            "(with several replicas on PostgreSQL, one at a time; else always 1)",
+            registry=self.registry,
+        )
         self.received = 0
         self.duplicates = 0
         self.invalid = 0
@@ -59,12 +64,14 @@ class Metrics:
         published: Callable[[], float],
         connected: Callable[[], float],
         esims: Callable[[], float],
+        publishing: Callable[[], float],
     ) -> None:
         """Read live values from the store and the publisher when scraped."""
         self.outbox.set_function(backlog)
         self.published.set_function(published)
         self.connected.set_function(connected)
         self.esims.set_function(esims)
+        self.publishing.set_function(publishing)
 
     def count(self, notify_type: str, outcome: str) -> None:
         self.webhooks.labels(notify_type, outcome).inc()

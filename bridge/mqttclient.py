@@ -19,6 +19,7 @@ after a reconnect, which is all that paho's table did for it.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from typing import Literal
@@ -38,6 +39,7 @@ _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _PUBLISH_QOS1 = 0x32  # PUBLISH, QoS 1; | 0x01 retained, | 0x08 DUP
 _DUP = 0x08
 _MID = struct.Struct("!H")
+_DISCONNECT = b"\xe0\x00"
 
 
 def publish_packet(mid: int, topic: bytes, payload: bytes, retain: bool) -> bytes:
@@ -152,6 +154,20 @@ class BufferedClient(mqtt.Client):
         self._send_outgoing()  # a DISCONNECT paho just wrote goes out before the close
         self._outgoing = None
         super()._sock_close()
+
+    def leave(self) -> None:
+        """Say goodbye now, ahead of anything queued: a DISCONNECT, so that the broker
+        drops the last will, and nothing after it. With a packet half sent, a DISCONNECT
+        would be read as part of it: then the connection is only closed (and the broker
+        publishes the will)."""
+        # paho 2.2 private: `self._sock` is the connected socket, None when there is none
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            if not self._outgoing:
+                sock.send(_DISCONNECT)
+            sock.close()
 
     def _buffered(self) -> bool:
         """Bytes already read that select() cannot see: in our buffer, or (TLS) decrypted

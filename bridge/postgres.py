@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -55,7 +57,8 @@ CREATE INDEX IF NOT EXISTS retained_owner ON retained (owner);
 """
 OPEN_WAIT = 10.0  # s: the longest wait for the database at start
 WRITER_WAIT = 0.25  # s: for a connection to write on (the pool reconnecting); then 503
-READ_WAIT = 0.1  # s: for a connection to read the backlog on; then "0"
+READ_WAIT = 0.1  # s: for a connection to count the backlog on; else the last count stands
+COUNT_EVERY = 1.0  # s: the backlog is counted at most this often
 # Per connection: a batch waits at most this long for another bridge's lock (a bridge
 # stalled mid-transaction): then 503, not a loop stopped for good; a transaction left
 # idle that long (its bridge cut off) is ended by the server, which frees its locks.
@@ -80,6 +83,7 @@ def lock_id(name: str) -> int:
 SCHEMA_LOCK = lock_id("lock:schema")
 ALL_LOCK = lock_id("lock:all")
 OUTBOX_LOCK = lock_id("lock:outbox")
+PUBLISHER_LOCK = lock_id("lock:publisher")  # held by the publishing replica (bridge/lease.py)
 
 
 class Postgres:
@@ -97,6 +101,9 @@ class Postgres:
         )
         self._conn: psycopg.Connection[Any] | None = None
         self._open = False
+        self._backlog = 0
+        self._counted_at = -COUNT_EVERY
+        self._counting = False
 
     def describe(self) -> str:
         return mask_url(self.url)
@@ -176,13 +183,23 @@ class Postgres:
             yield conn
 
     def backlog(self) -> int:
-        if not self._open:
-            return 0
+        """As last counted, and counted again on a thread of its own when that is more
+        than COUNT_EVERY ago: asked on the event loop (/readyz, /metrics, bridge/info), a
+        round trip would hold every webhook up while the network to the database stalls."""
+        now = time.monotonic()
+        if self._open and not self._counting and now - self._counted_at >= COUNT_EVERY:
+            self._counting, self._counted_at = True, now
+            threading.Thread(target=self._count, name="store-backlog", daemon=True).start()
+        return self._backlog
+
+    def _count(self) -> None:
         try:
             with self._pool.connection(timeout=READ_WAIT) as conn:
-                return backlog(conn)
+                self._backlog = backlog(conn)
         except psycopg.Error:
-            return 0
+            pass  # the last count stands; the writes say what is wrong
+        finally:
+            self._counting = False
 
     def _give_back(self) -> None:
         conn, self._conn = self._conn, None

@@ -43,12 +43,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from bridge import db, outbox
+from bridge.lease import Lease
 from bridge.logs import configure_logging
 from bridge.outbox import Message
 
@@ -69,6 +70,9 @@ RECONNECT_DELAY = (1.0, 10.0)  # s: the first retry, and the longest wait betwee
 CONNECT_LOG_EVERY = 60.0  # s: a connect that keeps failing for the same reason is logged this often
 RESTART_DELAY = (1.0, 30.0)  # s: a publisher that died is started again after this, doubling
 RESTART_RESET = 60.0  # s: a publisher that ran this long starts the back-off over
+STEPPED_DOWN = 3  # the exit code of a publisher that lost the lease: started again at once
+WATCH_EVERY = 0.1  # s between the watchdog's looks at the lease
+WATCH_GRACE = 0.5  # s the loop has to step down by itself once the lease has run out
 
 
 class BrokerAddress(msgspec.Struct, frozen=True):
@@ -119,6 +123,9 @@ class Status(msgspec.Struct, tag="status"):
     """What the publisher tells the webhook process, one JSON line at a time."""
 
     connected: bool = False
+    # this replica publishes: always on SQLite; with store.url, while it holds the lease
+    publishing: bool = False
+    lease_error: str | None = None  # why this replica cannot try for the lease now
     published: int = 0
     error: str | None = None
 
@@ -148,13 +155,13 @@ class StatusWriter:
                 setattr(self.status, key, value)
 
     def flush(self) -> None:
-        """Send the status if it changed: at once for connected/error, and at most every
+        """Send the status if it changed: at once for anything but the count, and at most every
         STATUS_EVERY seconds when only the published count moved (it moves all the time)."""
         with self._lock:
             status, sent = self.status, self._sent
             if status == sent:
                 return
-            only_count = status.connected == sent.connected and status.error == sent.error
+            only_count = status == msgspec.structs.replace(sent, published=status.published)
             if only_count and time.monotonic() - self._sent_at < STATUS_EVERY:
                 return
             line = msgspec.json.encode(status) + b"\n"
@@ -243,6 +250,11 @@ class Publisher:
             self._db_errors = db.postgres_errors()
         self._delete_warned = 0.0
         self._published = 0
+        # several replicas on PostgreSQL: only the holder of the lease publishes
+        self.lease = Lease(settings.store_url) if settings.store_url is not None else None
+        self._publishing = False
+        self._leaving = False  # stepping down: only `offline`, while no one else can publish
+        self._say_online = False  # someone said `offline` for us: say `online` again
 
         address = settings.address
         import paho.mqtt.client as mqtt
@@ -298,6 +310,7 @@ class Publisher:
         # would have done this for messages sent through its publish())
         for mid, (_, packet) in self._pending.items():
             self.client.queue_again(mid, packet)
+        client.subscribe(self.state_topic, qos=1)  # a will of a replica that stepped down
         if self.settings.birth_topic is not None:
             client.subscribe(self.settings.birth_topic, qos=1)
         for topic_filter in self.settings.commands:
@@ -321,6 +334,17 @@ class Publisher:
         self._acks.append(mid)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.state_topic:
+            # While this one publishes, `offline` can only be late news: the last will of
+            # a replica that published before (its broker saw it gone only now), or of
+            # an earlier run of this one. Said again at once, or it would stand.
+            if message.payload != b"online" and not message.retain and not (
+                self._stopping or self._leaving
+            ):
+                log.info("%s said %r while this replica publishes: saying online again",
+                         self.state_topic, bytes(message.payload))
+                self._say_online = True
+            return
         if message.topic == self.settings.birth_topic and message.payload == b"online":
             delay = random.uniform(*BIRTH_DELAY)
             log.info("Home Assistant is online: republishing discovery and state in %.1fs", delay)
@@ -337,10 +361,12 @@ class Publisher:
 
     def run(self) -> None:
         """Publish until asked to stop (or the webhook process is gone), then say offline."""
-        address = self.settings.address
-        self.status.update(error=f"connecting to {address.host}:{address.port}")
-        self.status.flush()
-        self.client.connect_async(address.host, address.port, self.settings.keepalive)
+        if self.lease is None:
+            self._begin_publishing()
+        else:
+            self.lease.start()
+            threading.Thread(target=self._watch_lease, name="publisher-watchdog",
+                             daemon=True).start()
         threading.Thread(target=self._listen, name="publisher-control", daemon=True).start()
         try:
             while not self._stop.is_set():
@@ -358,8 +384,72 @@ class Publisher:
                     self._wait(0.05)
                     self._take_acks()
                 self.client.disconnect()
-            self.status.update(connected=False)
+            self._publishing = False
+            self.status.update(connected=False, publishing=False)
             self.status.flush()
+            if self.lease is not None:
+                self.lease.stop()  # only now: `offline` came first, then the next replica
+
+    def _begin_publishing(self) -> None:
+        """Connect to the broker: this replica publishes from now on."""
+        address = self.settings.address
+        if self.lease is not None:
+            log.info("this replica publishes now")
+        self._publishing = True
+        self.status.update(publishing=True, lease_error=None,
+                           error=f"connecting to {address.host}:{address.port}")
+        self.status.flush()
+        self.client.connect_async(address.host, address.port, self.settings.keepalive)
+
+    def _stand_by(self) -> None:
+        """Another replica publishes (or none can, yet): wait for the lease. No broker
+        connection meanwhile: the broker sees one bridge, with one last will."""
+        assert self.lease is not None
+        if self.lease.holds():
+            self._begin_publishing()
+            return
+        self.status.update(error=None, lease_error=self.lease.error)
+        self._wait(0.25)
+
+    def _step_down(self) -> NoReturn:
+        """The lease is lost (the store's connection failed) or ran out (this process
+        was paused, or cut off from the store): stop publishing before another replica
+        may start. While the lease would still have held, `offline` goes first. Then a
+        clean goodbye, so that the broker publishes no last will later, and the process
+        exits: the parent starts a new one at once, which waits for the lease again."""
+        assert self.lease is not None
+        if not self._leaving:
+            self._leaving = True
+            log.warning("this replica has lost the publisher's lease: it stops publishing")
+            if self.connected and self.lease.safe():
+                mid = self._send(Message(self.state_topic, b"offline", True), None)
+                while mid in self._pending and self.connected and self.lease.safe():
+                    self._wait(0.05)  # comes back here (and leaves) if the lease runs out
+                    self._take_acks()
+        self.client.leave()
+        self.status.update(connected=False, publishing=False)
+        self.status.flush()
+        os._exit(STEPPED_DOWN)
+
+    def _watch_lease(self) -> None:
+        """The loop steps down at its gate (`_wait`); but it may be waiting on a store that
+        stalled, and its connection to the broker stays open meanwhile. Shortly after the
+        lease ran out, this thread ends the process in any case (the broker publishes the
+        last will `offline`: true, until the next replica says `online`)."""
+        while True:
+            time.sleep(WATCH_EVERY)
+            if self._publishing and not self._may_write():
+                time.sleep(WATCH_GRACE)  # the loop's own, orderly step-down
+                log.warning("the publisher's lease ran out while its loop was waiting: "
+                            "leaving now")
+                os._exit(STEPPED_DOWN)
+
+    def _may_write(self) -> bool:
+        """Whether this process may send to the broker now."""
+        lease = self.lease
+        if lease is None or not self._publishing:
+            return True
+        return lease.safe() if self._leaving else lease.holds()
 
     def _listen(self) -> None:
         """Read the parent's stop request (`S<seconds>`) on stdin. End of input
@@ -380,6 +470,9 @@ class Publisher:
             self._wake.set()
 
     def _step(self) -> None:
+        if not self._publishing:
+            self._stand_by()
+            return
         self._wait(0)  # what the broker sent meanwhile: acknowledgements, mostly
         self._take_acks()
         if not self.connected:
@@ -389,6 +482,9 @@ class Publisher:
         if self._db is None and not self._connect_store():
             self._wait(0.5)
             return
+        if self._say_online:
+            self._say_online = False
+            self._send(Message(self.state_topic, b"online", True), None)
         snapshot_at = self._snapshot_at
         try:
             if snapshot_at is not None and time.monotonic() >= snapshot_at:
@@ -437,7 +533,7 @@ class Publisher:
         read what arrived (PUBACKs call `_on_publish`), write what it queued and ping."""
         client = self.client
         sock = client.socket()
-        if sock is None:
+        if sock is None and self._publishing:
             self._connect_when_due()
             sock = client.socket()
         readable: list[Any] = [self._wake]
@@ -450,6 +546,11 @@ class Publisher:
             ready, _, _ = select.select(readable, writable, [], timeout)
         except (OSError, ValueError):  # the socket was closed under us
             ready = []
+        # The one gate before anything is sent (loop_write below; loop_read can answer
+        # too): a replica whose lease has run out sends nothing more. After select, since
+        # the wait may be long enough for it to run out.
+        if not self._may_write():
+            self._step_down()
         if self._wake in ready:
             self._wake.clear()
         if self._pokes is not None and self._pokes in ready:
@@ -700,13 +801,18 @@ class PublisherProcess:
         self.status = Status(published=self.status.published, error=error)
         if self._stopping.is_set():
             return
-        if time.monotonic() - started >= RESTART_RESET:
-            self._restart_delay = RESTART_DELAY[0]
-        delay = self._restart_delay
-        self._restart_delay = min(delay * 2, RESTART_DELAY[1])
-        log.error("the publisher process exited (%s); starting it again in %.0f s", code, delay)
-        self.status = Status(published=self.status.published,
-                             error=f"{error}; starting it again in {delay:.0f} s")
+        if code == STEPPED_DOWN:  # another replica publishes now: wait for the lease again
+            delay = 0.0
+            self.status = Status(published=self.status.published, error="stepped down")
+        else:
+            if time.monotonic() - started >= RESTART_RESET:
+                self._restart_delay = RESTART_DELAY[0]
+            delay = self._restart_delay
+            self._restart_delay = min(delay * 2, RESTART_DELAY[1])
+            log.error("the publisher process exited (%s); starting it again in %.0f s",
+                      code, delay)
+            self.status = Status(published=self.status.published,
+                                 error=f"{error}; starting it again in {delay:.0f} s")
         if self._stopping.wait(delay):
             return
         with self._lock:
@@ -727,6 +833,11 @@ class PublisherProcess:
     @property
     def connected(self) -> bool:
         return self.status.connected
+
+    @property
+    def publishing(self) -> bool:
+        """This replica publishes (always, on SQLite, once the process runs)."""
+        return self.status.publishing
 
     @property
     def published(self) -> int:

@@ -52,8 +52,10 @@ class Mosquitto:
         port: int | None = None,
         persistence: bool = False,
         tls: tuple[Path, Path] | None = None,
+        log_connections: bool = False,
     ) -> None:
-        """`tls`: (certificate chain, key) for a second listener, on `tls_port`."""
+        """`tls`: (certificate chain, key) for a second listener, on `tls_port`;
+        `log_connections`: every client's connect and disconnect in `log_path`."""
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
@@ -63,6 +65,8 @@ class Mosquitto:
         self.persistence = persistence
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        self.log_connections = log_connections
+        self.log_path = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -83,6 +87,8 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
         ]
+        if self.log_connections:
+            lines += ["log_type notice", "connection_messages true"]
         if self.tls is not None:
             certificate, key = self.tls
             lines += [f"listener {self.tls_port} 127.0.0.1",
@@ -92,7 +98,7 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         conf = self._write_config()
-        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )

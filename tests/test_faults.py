@@ -76,11 +76,15 @@ class Poster:
     Each eSIM's webhooks go through one thread, one after the other, so the order
     acknowledged for an eSIM is the order it was posted in. A thread stops at its first
     connection error when `stop_on_error` (the bridge went away).
+
+    Given several bridges (replicas), each thread posts to them in turn, and a webhook
+    that finds one gone is posted to the next, as a load balancer would.
     """
 
-    def __init__(self, bridge: BridgeProcess, batch: list[Hook], threads: int = 4,
-                 stop_on_error: bool = False, timeout: float = 30.0) -> None:
-        self.url = bridge.url
+    def __init__(self, bridge: BridgeProcess | Sequence[BridgeProcess], batch: list[Hook],
+                 threads: int = 4, stop_on_error: bool = False, timeout: float = 30.0) -> None:
+        bridges = [bridge] if isinstance(bridge, BridgeProcess) else list(bridge)
+        self.urls = [b.url for b in bridges]
         self.batch = batch
         self.stop_on_error = stop_on_error
         self.timeout = timeout
@@ -108,17 +112,12 @@ class Poster:
         assert not any(t.is_alive() for t in self._threads), "the posting threads hung"
 
     def _post(self, batch: list[Hook]) -> None:
-        for hook in batch:
-            try:
-                answer = request(self.url, hook.body, timeout=self.timeout)
-            except OSError as exc:  # refused, reset: no answer
-                outcome: tuple[int, Any, dict[str, str]] = (0, repr(exc), {})
-            else:
-                try:
-                    body = answer.json()
-                except ValueError:
-                    body = answer.body
-                outcome = (answer.status, body, answer.headers)
+        urls = self.urls
+        for n, hook in enumerate(batch):
+            for turn in range(len(urls)):
+                outcome = self._post_one(urls[(n + turn) % len(urls)], hook)
+                if outcome[0] != 0:
+                    break
             with self._cond:
                 self.answers[hook.notify_id] = outcome
                 if outcome[0] == 200:
@@ -126,6 +125,17 @@ class Poster:
                 self._cond.notify_all()
             if outcome[0] == 0 and self.stop_on_error:
                 return
+
+    def _post_one(self, url: str, hook: Hook) -> tuple[int, Any, dict[str, str]]:
+        try:
+            answer = request(url, hook.body, timeout=self.timeout)
+        except OSError as exc:  # refused, reset: no answer
+            return (0, repr(exc), {})
+        try:
+            body = answer.json()
+        except ValueError:
+            body = answer.body
+        return (answer.status, body, answer.headers)
 
     def wait_acked(self, count: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

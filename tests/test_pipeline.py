@@ -93,7 +93,7 @@ def test_bridge_info_reports_the_counts_then_keeps_quiet(
             if info and info["counts"]["published"] == 8:
                 break
             time.sleep(0.1)
-        assert set(info) == {"version", "started_at", "counts"}
+        assert set(info) == {"version", "started_at", "publisher", "counts"}
         assert info["counts"] == {
             "webhooks_received": 1,
             "duplicates": 0,

@@ -129,7 +129,8 @@ def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
 class Proxy:
     """A TCP relay to PostgreSQL that the test can cut (every connection dropped, new
     ones refused) and restore: the database out of reach, without stopping the shared
-    server."""
+    server. Or stall: the connections stay open, and nothing passes (a network that
+    drops every packet), until `flow()`."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -137,6 +138,8 @@ class Proxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     @property
     def url_for(self) -> Callable[[str], str]:
@@ -171,10 +174,16 @@ class Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
