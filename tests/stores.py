@@ -7,8 +7,12 @@ the test's own on the PostgreSQL at 127.0.0.1:5432, made by `postgres_database`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import sqlite3
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,6 +26,7 @@ from bridge.models import decode
 from bridge.outbox import Message
 from bridge.store import Accepted, Store
 from bridge.topics import Topics
+from tests.brokers import free_port
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 Place = Path | str
@@ -110,3 +115,57 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class PostgresServer:
+    """A PostgreSQL of the test's own (initdb, pg_ctl, as the user postgres) on a free
+    port, for tests that stop or restart the database: the shared one stays up."""
+
+    def __init__(self) -> None:
+        self.bin = _postgres_bin()
+        # not under pytest's tmp_path: the user postgres may not enter root's folders
+        self.workdir = Path(tempfile.mkdtemp(prefix="esim-bridge-pg-"))
+        self.data = self.workdir / "data"
+        self.log_path = self.workdir / "postgres.log"
+        self.port = free_port()
+        self._as_postgres("chown", "postgres", str(self.workdir), root=True)
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                          "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *argv: str, root: bool = False) -> None:
+        if os.geteuid() != 0:
+            argv = ("sudo", *argv) if root else ("sudo", "-u", "postgres", *argv)
+        elif not root:
+            argv = ("runuser", "-u", "postgres", "--", *argv)
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+    def _ctl(self, *args: str) -> None:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 "
+                   f"-c unix_socket_directories={self.data} -c fsync=off")
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
+                          str(self.log_path), "-o", options, "-w", "-t", "30", *args)
+
+    def start(self) -> PostgresServer:
+        self._ctl("start")
+        return self
+
+    def restart(self) -> None:
+        """A fast shutdown (every session ended at once) and a start."""
+        self._ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        """Stop it, and remove its files."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._ctl("stop", "-m", "immediate")
+        self._as_postgres("rm", "-rf", str(self.workdir), root=True)
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        raise RuntimeError("PostgreSQL's server is not installed (apt-get install postgresql)")
+    return found[-1].parent
