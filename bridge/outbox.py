@@ -41,22 +41,31 @@ def read_outbox(conn: Connection, after: int, limit: int) -> list[tuple[int, Mes
     return [(row[0], Message(row[1], row[2], bool(row[3]))) for row in rows]
 
 
+SNAPSHOT_PAGE = 2000  # retained topics read at a time
+
+
 def snapshot(conn: Connection, after: int) -> Iterator[Message]:
     """Every retained topic the bridge stands for, with its latest payload, for a broker
     that may have lost them; except the topics with a message still waiting in the
     outbox after row `after`: those go out in order anyway and end at the same payload
     (the table and the outbox are written in one transaction), and republishing the
     newest first would show a subscriber older values after newer ones."""
-    # one statement: the table and the outbox as of one moment; read as it is sent, not
-    # all at once (a fleet of 10,000 eSIMs is 100,000 topics and 50 MB of configs)
+    # A page at a time, in topic order, as it is sent: a fleet of 10,000 eSIMs is
+    # 100,000 topics and 50 MB of configs, and psycopg would fetch a whole result at once.
+    # Each page leaves out what is waiting in the outbox as of its own reading, so a
+    # topic written meanwhile is either sent here before its outbox rows, or left to them.
     # (`retain <> 0`: a SMALLINT on PostgreSQL, which is no boolean there)
-    rows = conn.execute(
-        _spelled(conn, "SELECT topic, payload FROM retained WHERE topic NOT IN "
-                       "(SELECT topic FROM outbox WHERE id > ? AND retain <> 0)"),
-        (after,),
-    )
-    for topic, payload in rows:
-        yield Message(topic, bytes(payload), True)
+    sql = _spelled(conn, "SELECT topic, payload FROM retained WHERE topic > ? AND topic NOT IN "
+                         "(SELECT topic FROM outbox WHERE id > ? AND retain <> 0) "
+                         "ORDER BY topic LIMIT ?")
+    last = ""
+    while True:
+        rows = conn.execute(sql, (last, after, SNAPSHOT_PAGE)).fetchall()
+        for topic, payload in rows:
+            yield Message(topic, bytes(payload), True)
+        if len(rows) < SNAPSHOT_PAGE:
+            return
+        last = rows[-1][0]
 
 
 def runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -384,6 +384,7 @@ class Publisher:
                     self._wait(0.05)
                     self._take_acks()
                 self.client.disconnect()
+                self.client.loop_write()  # queued like every packet: sent now, or never
             self._publishing = False
             self.status.update(connected=False, publishing=False)
             self.status.flush()

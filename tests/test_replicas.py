@@ -245,3 +245,25 @@ def test_a_database_restart_mid_stream_loses_nothing_acknowledged(
         assert_delivered(list(watcher.messages), poster.acked, maybe)
     assert_retained_state(broker.port, poster.acked, maybe)
     assert_one_publisher_at_a_time(broker, at_least=2)
+
+
+def test_a_publisher_stopped_in_order_hands_over_cleanly(
+    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    """A rolling upgrade: SIGTERM to the publishing replica. It drains, says `offline`
+    and disconnects cleanly (no last will left to fire later); the other says `online`."""
+    bridges = [make_bridge(broker.url, database).start() for _ in range(2)]
+    with Watcher(broker.port, ["esim/bridge/state"]) as watcher:
+        first = wait_for_publisher(bridges)
+        other = bridges[1] if first is bridges[0] else bridges[0]
+        assert first.proc is not None
+        client_id = f"esim-bridge-{socket.gethostname()}-{first.proc.pid}"
+        assert first.terminate() == 0
+        stopped_at = time.monotonic()
+        wait_for_publisher([other], timeout=TAKEOVER)
+        assert time.monotonic() - stopped_at <= TAKEOVER
+        watcher.settle()
+        states = watcher.payloads("esim/bridge/state")
+        assert states[-2:] == [b"offline", b"online"], states
+    assert f"Client {client_id} disconnected." in broker.log_path.read_text()
+    assert_one_publisher_at_a_time(broker, at_least=2)

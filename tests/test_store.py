@@ -10,6 +10,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from bridge import outbox
 from tests.processes import FIXTURES
 from tests.stores import Place, open_store
@@ -74,20 +76,31 @@ def test_every_retained_message_sent_is_in_the_table_with_its_newest_payload(
         assert f"homeassistant/device/esim_{ICCID}/config" in newest
 
 
-def test_the_snapshot_leaves_topics_still_in_the_outbox_to_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("page", [outbox.SNAPSHOT_PAGE, 3])
+def test_the_snapshot_leaves_topics_still_in_the_outbox_to_it(
+    place: Place, page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On connect the publisher republishes the table, but not a topic whose messages still
     wait in the outbox: they go out in order and end at the same value, and the newest
-    first would show a subscriber 998, then 1000, 999, 998."""
-    with open_store(tmp_path / "bridge.db") as store:
+    first would show a subscriber 998, then 1000, 999, 998. Read a page at a time (here
+    also of 3 topics), it is the whole table all the same."""
+    monkeypatch.setattr(outbox, "SNAPSHOT_PAGE", page)
+    with open_store(place) as store:
         store.ingest(data_usage("s0", 1000, iccid="1111"))
         (last_sent, _), *_ = store.outbox()[-1:]
         for n in range(3):
             store.ingest(data_usage(f"s{n + 1}", 1000 - n))
-        snapshot = {m.topic: m.payload for m in outbox.snapshot(store.db, last_sent)}
+        sent = list(outbox.snapshot(store.db, last_sent))
+        table = store.retained()
+    snapshot = {m.topic: m.payload for m in sent}
+    assert len(sent) == len(snapshot), "a topic sent twice"
     assert f"esim/{ICCID}/data_remaining" not in snapshot
     assert f"esim/{ICCID}/state" not in snapshot
     assert snapshot["esim/1111/data_remaining"] == b"1000"
     assert "homeassistant/device/esim_1111/config" in snapshot
+    waiting = {t for t in table if t.startswith(f"esim/{ICCID}/")
+               or t == f"homeassistant/device/esim_{ICCID}/config"}
+    assert snapshot == {t: p for t, p in table.items() if t not in waiting}
 
 
 def test_a_new_base_topic_moves_every_retained_topic(place: Place) -> None:
