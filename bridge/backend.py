@@ -108,3 +108,7 @@ class Backend(Protocol):
     def backlog(self) -> int:
         """Messages in the outbox not yet acknowledged; 0 when it cannot tell."""
 
+    def esims(self) -> int | None:
+        """eSIMs in the store as counted by the engine, when other processes add them too
+        (replicas); None when this process's own count is the whole story."""
+

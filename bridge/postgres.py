@@ -102,6 +102,7 @@ class Postgres:
         self._conn: psycopg.Connection[Any] | None = None
         self._open = False
         self._backlog = 0
+        self._esims: int | None = None  # until first counted
         self._counted_at = -COUNT_EVERY
         self._counting = False
 
@@ -192,10 +193,17 @@ class Postgres:
             threading.Thread(target=self._count, name="store-backlog", daemon=True).start()
         return self._backlog
 
+    def esims(self) -> int | None:
+        """Counted with the backlog: other replicas add eSIMs too."""
+        self.backlog()
+        return self._esims
+
     def _count(self) -> None:
         try:
             with self._pool.connection(timeout=READ_WAIT) as conn:
                 self._backlog = backlog(conn)
+                row = conn.execute(self.sql.count_esims).fetchone()
+                self._esims = int(row[0]) if row is not None else 0
         except psycopg.Error:
             pass  # the last count stands; the writes say what is wrong
         finally:

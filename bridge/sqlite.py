@@ -129,6 +129,9 @@ class Sqlite:
         except sqlite3.Error:
             return 0
 
+    def esims(self) -> int | None:
+        return None  # one bridge per file: the store counts its own
+
     def _writer(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreUnavailable("the store is closed")

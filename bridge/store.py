@@ -160,7 +160,7 @@ class Store:
         self.max_outbox = max_outbox
         self.homeassistant = homeassistant
         self.keep_activation = keep_activation  # provider.publish_activation: the QR code
-        self.esims = 0
+        self._esims = 0  # counted at open, then this process's new ones added
         self._conn: Connection | None = None  # while a transaction is open
         self._open = False
 
@@ -169,7 +169,7 @@ class Store:
     def open(self) -> None:
         self.backend.open()
         with self.backend.reading() as conn:
-            self.esims = conn.execute(self.sql.count_esims).fetchone()[0]
+            self._esims = conn.execute(self.sql.count_esims).fetchone()[0]
         self._open = True
 
     def close(self) -> None:
@@ -180,6 +180,12 @@ class Store:
     @property
     def is_open(self) -> bool:
         return self._open
+
+    @property
+    def esims(self) -> int:
+        """eSIMs known to the store (with replicas, also those the others added)."""
+        counted = self.backend.esims()
+        return self._esims if counted is None else counted
 
     @property
     def backlog(self) -> int:
@@ -212,7 +218,7 @@ class Store:
             raise
         finally:
             self._conn = None
-        self.esims += batch.new_esims
+        self._esims += batch.new_esims
 
     def rollback(self) -> None:
         self._conn = None

@@ -180,6 +180,18 @@ def test_the_same_webhook_posted_to_both_at_the_same_moment_is_published_once(
         assert not twice, f"published more than once: {twice}"
         assert_delivered(list(watcher.messages), batch)
 
+        # eSIMs only the standby took count in the publisher's bridge/info too
+        publisher = wait_for_publisher(bridges)
+        standby = bridges[1] if publisher is bridges[0] else bridges[0]
+        for hook in hooks("standby", iccids("35", 2), 2):
+            assert standby.post(hook.body).status == 200
+        wait_until(lambda: esims_in_info(watcher) == 6, "bridge/info counts 6 eSIMs", 20)
+
+
+def esims_in_info(watcher: Watcher) -> int | None:
+    infos = watcher.payloads("esim/bridge/info")
+    return json.loads(infos[-1])["counts"]["esims"] if infos else None
+
 
 def test_a_publisher_cut_off_from_the_database_steps_down_before_another_takes_over(
     broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
