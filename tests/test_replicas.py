@@ -24,6 +24,7 @@ import pytest
 
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, request, retained
+from tests.provider_standin import ProviderStandin
 from tests.stores import PostgresServer
 from tests.test_faults import (
     EVENTS,
@@ -279,3 +280,30 @@ def test_a_publisher_stopped_in_order_hands_over_cleanly(
         assert states[-2:] == [b"offline", b"online"], states
     assert f"Client {client_id} disconnected." in broker.log_path.read_text()
     assert_one_publisher_at_a_time(broker, at_least=2)
+
+
+def test_only_the_publishing_replica_calls_the_provider(
+    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
+) -> None:
+    """Each replica has a stand-in of its own for the provider's API, to tell their
+    calls apart: only the publishing one's is called, until it dies; then the other's."""
+    with ProviderStandin(esims=3) as first_api, ProviderStandin(esims=3) as second_api:
+        apis = {}
+        bridges = []
+        for api in (first_api, second_api):
+            bridge = make_bridge(broker.url, database, provider={
+                "access_code": api.access_code, "base_url": api.url})
+            bridges.append(bridge.start())
+            apis[id(bridge)] = api
+        publisher = wait_for_publisher(bridges)
+        standby = bridges[1] if publisher is bridges[0] else bridges[0]
+        wait_until(lambda: "esim/query" in apis[id(publisher)].paths(), "the first sync", 15)
+        time.sleep(2)  # time enough for a second caller to show itself
+        assert apis[id(standby)].requests == [], "a standby called the provider"
+
+        publisher.kill()
+        wait_for_publisher([standby], timeout=TAKEOVER)
+        wait_until(lambda: "esim/query" in apis[id(standby)].paths(),
+                   "the provider called by the replica that took over", 15)
+        held = retained(broker.port, "esim/+/status")
+        assert len(held) == 3, held  # the fleet, read from the API
