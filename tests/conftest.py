@@ -53,6 +53,13 @@ def standin() -> Iterator[ProviderStandin]:
         yield running
 
 
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A database of the test's own on the local PostgreSQL (dropped afterwards): its URL."""
+    with postgres_database() as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
     """Where a store of the test's own lives, on each backend in turn: a SQLite file, or a

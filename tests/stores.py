@@ -1,5 +1,7 @@
 """A real store, driven from a test the way the bridge drives it: every write goes
-through the committer (group commit, the one transaction body), on an event loop.
+through the committer (group commit, the one transaction body), on an event loop. And
+PostgreSQL for the tests of `serve` and its replicas: a server of the test's own
+(`PostgresServer`) and a relay to one that can be cut or stalled (`Proxy`).
 
 On either backend: a place is a `Path` (SQLite) or a `postgresql://` URL (a database of
 the test's own on the PostgreSQL at 127.0.0.1:5432, made by `postgres_database`)."""
@@ -10,10 +12,12 @@ import asyncio
 import contextlib
 import os
 import secrets
+import socket
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,3 +173,82 @@ def _postgres_bin() -> Path:
     if not found:
         raise RuntimeError("PostgreSQL's server is not installed (apt-get install postgresql)")
     return found[-1].parent
+
+
+class Proxy:
+    """A TCP relay to PostgreSQL that the test can cut (every connection dropped, new
+    ones refused) and restore: the database out of reach, without stopping the shared
+    server. Or stall: the connections stay open, and nothing passes (a network that
+    drops every packet), until `flow()`."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    @property
+    def url_for(self) -> Callable[[str], str]:
+        return lambda url: url.replace(f":{self.target[1]}/", f":{self.port}/")
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=3)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile: this one too
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                self._flowing.wait()
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            # close() alone leaves a blocked accept() taking connections (Linux): shutdown
+            # wakes it
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

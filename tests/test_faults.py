@@ -36,6 +36,7 @@ import pytest
 
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, request, retained
+from tests.stores import Place
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -322,10 +323,11 @@ def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
     """Builds bridges (not started) and stops every one of them at the end."""
     made: list[BridgeProcess] = []
 
-    def make(url: str, db: Path | None = None, **sections: dict[str, Any]) -> BridgeProcess:
+    def make(url: str, db: Place | None = None, **sections: dict[str, Any]) -> BridgeProcess:
+        """`db`: the store, a SQLite file or a PostgreSQL URL (else one in its folder)."""
         sections.setdefault("homeassistant", {"discovery": False})
         if db is not None:
-            sections.setdefault("store", {})["path"] = str(db)
+            sections.setdefault("store", {})["path" if isinstance(db, Path) else "url"] = str(db)
         process = BridgeProcess(tmp_path / f"bridge{len(made)}", url, sections)
         made.append(process)
         return process

@@ -5,21 +5,13 @@ ends (let go, or ended by the server) stops holding at once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from bridge.lease import BEAT, LEASE, Lease
-from tests.stores import postgres_database
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
 
 
 def watch(leases: list[Lease], until: float, stop_when: list[Lease] | None = None) -> None:

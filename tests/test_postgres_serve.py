@@ -9,65 +9,31 @@ means 503 and a reason on /readyz, until it is back.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
-from tests.brokers import Mosquitto, free_port
+from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, retained
-from tests.stores import postgres_database
+from tests.stores import Proxy
 from tests.test_faults import (
     Poster,
     assert_delivered,
     assert_retained_state,
+    broker,
     crash,
     hooks,
     iccids,
     ids,
+    make_bridge,
     wait_for_events,
     wait_until,
 )
 
+__all__ = ["broker", "make_bridge"]  # fixtures of test_faults
+
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "mosquitto")
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.stop()
-
-
-@pytest.fixture
-def make_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
-    made: list[BridgeProcess] = []
-
-    def make(mqtt_url: str, store_url: str, **sections: dict[str, Any]) -> BridgeProcess:
-        sections.setdefault("homeassistant", {"discovery": False})
-        sections.setdefault("store", {})["url"] = store_url
-        process = BridgeProcess(tmp_path / f"bridge{len(made)}", mqtt_url, sections)
-        made.append(process)
-        return process
-
-    try:
-        yield make
-    finally:
-        for process in made:
-            process.stop()
 
 
 def test_a_webhook_and_discovery_arrive_and_a_restart_republishes_them(
@@ -124,85 +90,6 @@ def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
         watcher.settle()
         assert_delivered(list(watcher.messages), acked, poster.unanswered())
     assert_retained_state(broker.port, acked, poster.unanswered())
-
-
-class Proxy:
-    """A TCP relay to PostgreSQL that the test can cut (every connection dropped, new
-    ones refused) and restore: the database out of reach, without stopping the shared
-    server. Or stall: the connections stay open, and nothing passes (a network that
-    drops every packet), until `flow()`."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._flowing = threading.Event()
-        self._flowing.set()
-
-    @property
-    def url_for(self) -> Callable[[str], str]:
-        return lambda url: url.replace(f":{self.target[1]}/", f":{self.port}/")
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=3)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                if self._listener is not listener:  # cut meanwhile: this one too
-                    client.close()
-                    upstream.close()
-                    return
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def flow(self) -> None:
-        self._flowing.set()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                self._flowing.wait()
-                dst.sendall(data)
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-            conns, self._conns = self._conns, []
-        if listener is not None:
-            # close() alone leaves a blocked accept() taking connections (Linux): shutdown
-            # wakes it
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        for sock in conns:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def test_postgresql_out_of_reach_answers_503_says_why_and_recovers_by_itself(

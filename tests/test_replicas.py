@@ -25,7 +25,7 @@ import pytest
 from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, request, retained
 from tests.provider_standin import ProviderStandin
-from tests.stores import PostgresServer
+from tests.stores import PostgresServer, Proxy
 from tests.test_faults import (
     EVENTS,
     Poster,
@@ -34,13 +34,13 @@ from tests.test_faults import (
     hooks,
     iccids,
     ids,
+    make_bridge,
     notify_ids,
     wait_for_events,
     wait_until,
 )
-from tests.test_postgres_serve import Proxy, database, make_bridge
 
-__all__ = ["database", "make_bridge"]  # fixtures, shared with test_postgres_serve
+__all__ = ["make_bridge"]  # a fixture of test_faults
 
 pytestmark = pytest.mark.timeout(120)
 
