@@ -72,6 +72,9 @@ class Backend(Protocol):
     sql: Statements
     errors: tuple[type[Exception], ...]  # the driver's errors: the batch fails, a 503
     locks: bool  # True: `lock` must be told every key a batch touches (several writers)
+    # True: every statement is a round trip to a server, which may stall or wait for
+    # another bridge's lock; the committer then runs a whole batch off the event loop
+    remote: bool
 
     def describe(self) -> str:
         """Where the store is, safe to print (a password masked)."""

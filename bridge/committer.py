@@ -6,8 +6,11 @@ is queued into a batch, has `Store.apply` write it on the event loop's own threa
 COMMITs on a thread of its own, so the loop goes on serving requests (the next batch)
 during the fsync, and the GIL changes hands once per batch, not once per statement. A
 batch of one or two (light load) commits on the loop itself, where the handoff would
-cost more than it saves. A write's future resolves only after its COMMIT: for a webhook,
-the moment the HTTP layer may answer 200.
+cost more than it saves. On PostgreSQL every statement is a round trip, which may wait
+for another replica's lock or for a stalled network: there the whole batch (begin,
+apply, COMMIT) runs on the committer's thread, and the loop never waits on the server.
+A write's future resolves only after its COMMIT: for a webhook, the moment the HTTP
+layer may answer 200.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ class Committer:
         self._scheduled = False
         if self._committing or not self._queue:
             return
+        if self.store.backend.remote:
+            self._flush_remote(loop)
+            return
         if not self._begin(loop):
             return  # another writer has the lock: a later turn tries again
         queued = self._take()
@@ -128,6 +134,28 @@ class Committer:
         commit.add_done_callback(
             lambda done: self._done(queued, batch, done.exception(), loop)
         )
+
+    def _flush_remote(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The whole transaction on the committer's thread (PostgreSQL)."""
+        queued = self._take()
+        self._committing = True
+        work = loop.run_in_executor(self._thread, self._write, [w for w, _ in queued])
+        work.add_done_callback(
+            lambda done: self._done(queued, None if done.exception() else done.result(),
+                                    done.exception(), loop)
+        )
+
+    def _write(self, writes: list[Write]) -> Batch:
+        """Begin, apply and COMMIT one batch (on the committer's thread)."""
+        store = self.store
+        store.begin()
+        try:
+            batch = store.apply(writes)
+        except Exception:
+            store.rollback()
+            raise
+        store.commit(batch)
+        return batch
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Begin (on SQLite, BEGIN IMMEDIATE) without ever sleeping on the loop. False when
@@ -180,7 +208,7 @@ class Committer:
     def _done(
         self,
         queued: list[_Queued],
-        batch: Batch,
+        batch: Batch | None,
         error: BaseException | None,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
@@ -189,8 +217,8 @@ class Committer:
         # before the answers to this one are written (they overlap with that COMMIT)
         if self._queue:
             self._schedule(loop)
-        if error is not None:
-            self._failed(queued, error, loop)
+        if error is not None or batch is None:
+            self._failed(queued, error or StoreUnavailable("no batch"), loop)
             return
         self.last_error = None
         if batch.outbox:

@@ -92,6 +92,7 @@ class Postgres:
     sql = Statements.postgres()
     errors: tuple[type[Exception], ...] = (psycopg.Error,)
     locks = True
+    remote = True
 
     def __init__(self, url: str, *, pool_size: int = 4) -> None:
         self.url = url

@@ -49,6 +49,7 @@ class Sqlite:
     sql = Statements()
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
     locks = False
+    remote = False
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self.path = path
