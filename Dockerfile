@@ -5,15 +5,21 @@
 # The base is a build argument so that tests can build on a local image
 # (scripts/test-container); releases use the official one.
 ARG PYTHON_IMAGE=python:3.12-slim
+# The extras installed with the bridge: postgres (psycopg) lets store.url keep the store in
+# PostgreSQL, for several replicas (docker-compose.yml, profile replicas). Leave it out
+# with --build-arg EXTRAS= where psycopg has no binary wheel for the platform.
+ARG EXTRAS=postgres
 
 FROM ${PYTHON_IMAGE} AS build
+ARG EXTRAS
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
 # A virtualenv, so the same steps work on any Debian-like base (Debian's own Python
 # refuses system-wide pip installs); pip and setuptools are not needed at run time.
 RUN python3 -m venv /opt/esim-bridge \
-    && /opt/esim-bridge/bin/pip install --no-cache-dir --disable-pip-version-check . \
+    && /opt/esim-bridge/bin/pip install --no-cache-dir --disable-pip-version-check \
+        ".${EXTRAS:+[$EXTRAS]}" \
     && /opt/esim-bridge/bin/pip uninstall --yes --quiet pip setuptools
 COPY docker/healthcheck.py /opt/esim-bridge/healthcheck.py
 

@@ -152,6 +152,15 @@ def test_the_store_url_password_is_masked_in_check_config_and_in_errors(
     assert any("store.url" in p and "postgresql://" in p for p in found), found
 
 
+def test_an_empty_store_url_in_the_environment_is_the_sqlite_file(tmp_path: Path) -> None:
+    # docker-compose.yml passes ESIM_BRIDGE_STORE_URL: ${ESIM_STORE_URL:-}, empty
+    # unless the replicas profile is wanted; even over a url in the file
+    path = write(tmp_path, '[store]\nurl = "postgresql://esim:esim@db/esim"\n')
+    settings = load(path, {"ESIM_BRIDGE_STORE_URL": "", "ESIM_BRIDGE_STORE_PATH": "/data/e.db"})
+    assert settings.store.url is None
+    assert settings.store.path == "/data/e.db"
+
+
 def test_mask_url_without_password() -> None:
     assert config.mask_url("mqtt://broker:1883") == "mqtt://broker:1883"
 
