@@ -328,11 +328,10 @@ class Store:
             count += self._change(conn, entity, prior, plan, batch, at)
             iccids.append(reading.iccid)
         if write.order_no is not None and topics.SEGMENT.match(write.order_no):
-            message = Message(self.topics.order_esims(write.order_no),
-                              msgspec.json.encode(sorted(iccids)), True)
-            self._keep(batch, Entity("order", write.order_no).key, [message])
-            batch.outbox.append(message)
-            count += 1
+            entity = Entity("order", write.order_no)
+            prior = self._record(conn, entity, batch)
+            plan = topics.plan_order_esims(write.order_no, iccids, prior, at, self.topics)
+            count += self._change(conn, entity, prior, plan, batch, at)
         return count
 
     def _change(
