@@ -192,6 +192,18 @@ class Store:
         with self.backend.reading() as conn:
             return esims_in_use(conn, self.sql.esim_records)
 
+    def pending_orders(self) -> list[str]:
+        """The orderNo of every order waiting for its eSIMs to be read (`order_pending`),
+        whichever bridge stored it, read on a connection of its own (blocking: run it on
+        a thread). StoreUnavailable when the store cannot be read."""
+        try:
+            with self.backend.reading() as conn:
+                rows = conn.execute(self.sql.unresolved_orders).fetchall()
+        except self.errors as exc:
+            raise StoreUnavailable(f"the store cannot be read: {exc}") from exc
+        return [Entity.parse(key).name for key, blob in rows
+                if topics.order_pending(_record_decoder.decode(blob))]
+
     def is_busy(self, exc: Exception) -> bool:
         """Another writer holds the store: nothing is wrong, `begin` again later."""
         return self.backend.is_busy(exc)

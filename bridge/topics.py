@@ -410,6 +410,12 @@ def plan_order_esims(order_no: str, iccids: list[str], prior: Record | None, at:
     return Plan(retained(Entity("order", order_no), record, topics, applied), record)
 
 
+def order_pending(record: Record) -> bool:
+    """Whether an order waits for its eSIMs to be read from the provider's API: its
+    ORDER_STATUS said GOT_RESOURCE, and its `esims` are not known yet."""
+    return record.fields.get("order_status") == "GOT_RESOURCE" and "esims" not in record.fields
+
+
 class Reading(msgspec.Struct, frozen=True):
     """What the provider's API says of one eSIM now, as state fields.
 

@@ -183,6 +183,23 @@ def test_an_orders_esims_stay_on_the_broker_across_a_restart(place: Place) -> No
     assert esims not in kept
 
 
+def test_an_order_is_pending_from_its_got_resource_until_its_esims_are_stored(
+    place: Place,
+) -> None:
+    with open_store(place) as store:
+        store.ingest(order_status("B1"))
+        store.ingest(order_status("B2", "PROCESSING"))  # not ready: nothing to read yet
+        store.ingest(order_status("B3"))
+        store.ingest(data_usage("p1", 5))  # an eSIM is never an order
+        assert sorted(store.store.pending_orders()) == ["B1", "B3"]
+        store.poll([profile_of("8900000000000000001", "B1")], "B1")
+        store.poll([], "B3")  # an order the provider lists no eSIMs for is resolved too
+        assert store.store.pending_orders() == []
+    with open_store(place) as store:  # after a restart (the resync) as well
+        store.ingest(order_status("B4"))
+        assert store.store.pending_orders() == ["B4"]
+
+
 # -- ICCID reuse ---------------------------------------------------------------------------------
 
 

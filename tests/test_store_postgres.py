@@ -18,6 +18,7 @@ import pytest
 
 from bridge import postgres
 from bridge.store import Accepted, StoreUnavailable
+from bridge.topics import Reading
 from tests.processes import FIXTURES
 from tests.stores import Driver, make_store, open_store, postgres_database
 
@@ -101,6 +102,18 @@ def test_a_reused_iccid_holds_across_replicas(url: str) -> None:
         )
         state = json.loads(one.retained()[f"esim/{ICCID}/state"])
     assert state["esim_tran_no"] == "NEW" and "data_remaining" not in state
+
+
+def test_an_order_one_replica_stored_is_pending_for_the_other(url: str) -> None:
+    """The replica that calls the provider resolves the orders whichever replica took
+    their webhook; once it has, the order is pending for neither."""
+    order = json.dumps({"notifyType": "ORDER_STATUS", "notifyId": "order-1",
+                        "content": {"orderNo": "B1", "orderStatus": "GOT_RESOURCE"}}).encode()
+    with open_store(url) as standby, open_store(url) as publishing:
+        standby.ingest(order)
+        assert publishing.store.pending_orders() == ["B1"]
+        publishing.poll([Reading(ICCID, "T1", {"order_no": "B1"}, {})], "B1")
+        assert standby.store.pending_orders() == publishing.store.pending_orders() == []
 
 
 def test_two_replicas_starting_together_create_the_schema_once(url: str) -> None:
