@@ -175,6 +175,11 @@ class Sync:
         start and every `look_every`, and those `order_ready` names in between. The store
         is read only while no order is being resolved: what it says is never older than
         the last resolution."""
+        # what was named before this run (while another replica called the provider, say)
+        # may have been resolved since: the first look says what is still pending
+        while not self._orders.empty():
+            self._orders.get_nowait()
+        self._queued.clear()
         loop = asyncio.get_running_loop()
         while True:
             await self._look_for_orders()

@@ -46,13 +46,16 @@ def esims(store: Driver, order_no: str) -> list[str] | None:
 
 
 @asynccontextmanager
-async def syncing(store: Driver, standin: ProviderStandin, **client: float
-                  ) -> AsyncIterator[Sync]:
-    """The provider sync of the bridge that owns `store`, running (its `run()`)."""
+async def syncing(store: Driver, standin: ProviderStandin, ready: tuple[str, ...] = (),
+                  **client: float) -> AsyncIterator[Sync]:
+    """The provider sync of the bridge that owns `store`, running (its `run()`); the
+    orders `ready` were named to it (`order_ready`) before it ran."""
     settings = ProviderConfig(access_code=CODE, base_url=standin.url, max_rps=5)
     async with ProviderClient(settings, backoff=0.01, **client) as provider:
         sync = Sync(provider, store.committer, store.store, store.store.topics, settings,
                     look_every=LOOK_EVERY)
+        for order_no in ready:
+            sync.order_ready(order_no)
         task = asyncio.create_task(sync.run())
         try:
             await sync.synced.wait()
@@ -118,3 +121,21 @@ def test_an_order_that_keeps_failing_waits_for_the_next_full_sync(place: Place) 
 
         asyncio.run(scenario())
         assert store.store.pending_orders() == []
+
+
+def test_an_order_named_before_the_sync_ran_and_resolved_since_is_not_asked_for(
+    place: Place,
+) -> None:
+    """A replica is told of its own webhook's order while another calls the provider; by
+    the time it takes over, the other has resolved it: the store says so."""
+    with ProviderStandin(access_code=CODE) as standin, open_store(place) as store:
+        standin.allocate("B5", 1)
+        store.ingest(order_status("B5"))
+        store.poll([], "B5")  # resolved by the other replica
+
+        async def scenario() -> None:
+            async with syncing(store, standin, ready=("B5",)):
+                await asyncio.sleep(3 * LOOK_EVERY)
+
+        asyncio.run(scenario())
+        assert order_queries(standin, "B5") == 0
