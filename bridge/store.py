@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -187,22 +189,27 @@ class Store:
         return self.backend.backlog()
 
     def in_use(self) -> list[tuple[str, str]]:
-        """(iccid, esimTranNo) of the eSIMs in use, read on a connection of its own
-        (blocking: run it on a thread)."""
-        with self.backend.reading() as conn:
+        """(iccid, esimTranNo) of the eSIMs in use (blocking: run it on a thread)."""
+        with self._reading() as conn:
             return esims_in_use(conn, self.sql.esim_records)
 
     def pending_orders(self) -> list[str]:
         """The orderNo of every order waiting for its eSIMs to be read (`order_pending`),
-        whichever bridge stored it, read on a connection of its own (blocking: run it on
-        a thread). StoreUnavailable when the store cannot be read."""
-        try:
-            with self.backend.reading() as conn:
-                rows = conn.execute(self.sql.unresolved_orders).fetchall()
-        except self.errors as exc:
-            raise StoreUnavailable(f"the store cannot be read: {exc}") from exc
+        whichever bridge stored it (blocking: run it on a thread)."""
+        with self._reading() as conn:
+            rows = conn.execute(self.sql.unresolved_orders).fetchall()
         return [Entity.parse(key).name for key, blob in rows
                 if topics.order_pending(_record_decoder.decode(blob))]
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection of its own, for reads off the write path; StoreUnavailable when
+        the store cannot be read (the database out of reach), as for a write."""
+        try:
+            with self.backend.reading() as conn:
+                yield conn
+        except self.errors as exc:
+            raise StoreUnavailable(f"the store cannot be read: {exc}") from exc
 
     def is_busy(self, exc: Exception) -> bool:
         """Another writer holds the store: nothing is wrong, `begin` again later."""

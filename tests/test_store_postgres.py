@@ -136,10 +136,13 @@ def test_postgresql_out_of_reach_at_start_says_where(monkeypatch: pytest.MonkeyP
     assert "127.0.0.1:9" in str(raised.value) and "hunter2" not in str(raised.value)
 
 
-def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(url: str) -> None:
+def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The database refuses connections and drops those it had (as in a restart): a webhook
     gets StoreUnavailable (the route's 503); once it is back, webhooks are taken again
     without a restart of the bridge."""
+    monkeypatch.setattr(postgres, "OPEN_WAIT", 1.0)  # how long a read waits for a connection
     name = url.rsplit("/", 1)[1]
     admin = psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True)
     start = datetime.now(UTC)
@@ -153,6 +156,12 @@ def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(url: str) -> 
                 store.ingest(data_usage("g1", 9, start))
             with pytest.raises(StoreUnavailable):  # and again, while it stays away
                 store.ingest(data_usage("g1", 9, start))
+            # the provider sync's reads say so too (it tries again later), never raise
+            # the driver's own error (it would end the sync until a restart)
+            with pytest.raises(StoreUnavailable):
+                store.store.in_use()
+            with pytest.raises(StoreUnavailable):
+                store.store.pending_orders()
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
             deadline = time.monotonic() + 20
             while True:
