@@ -40,6 +40,13 @@ class Statements:
     records: str = "SELECT key, record FROM entity"
     esim_records: str = "SELECT key, record FROM entity WHERE key LIKE 'esim:%'"
     count_esims: str = "SELECT count(*) FROM entity WHERE key LIKE 'esim:%'"
+    # the orders that hold no `<base>/order/<orderNo>/esims` yet: rarely more than a few,
+    # so that looking for the pending ones often reads next to nothing (GLOB, unlike LIKE,
+    # walks the primary key's index on SQLite)
+    unresolved_orders: str = (
+        "SELECT key, record FROM entity WHERE key GLOB 'order:*' AND NOT EXISTS "
+        "(SELECT 1 FROM retained WHERE owner = entity.key AND topic LIKE '%/esims')"
+    )
     owners: str = "SELECT DISTINCT owner FROM retained"
     held: str = "SELECT topic, payload FROM retained WHERE owner = ?"
     payload: str = "SELECT payload FROM retained WHERE owner = ? AND topic = ?"
@@ -53,7 +60,7 @@ class Statements:
     @classmethod
     def postgres(cls) -> Statements:
         """`%s` placeholders (the statements hold no literal `%` that takes parameters),
-        and `ON CONFLICT ... DO UPDATE` for SQLite's `INSERT OR REPLACE`."""
+        `ON CONFLICT ... DO UPDATE` for SQLite's `INSERT OR REPLACE`, and LIKE for GLOB."""
         sqlite = cls()
         spelled = {f.name: getattr(sqlite, f.name).replace("?", "%s") for f in fields(cls)}
         spelled.update(
@@ -61,6 +68,8 @@ class Statements:
                      "ON CONFLICT (key) DO UPDATE SET at = excluded.at",
             put_record="INSERT INTO entity (key, record) VALUES (%s, %s) "
                        "ON CONFLICT (key) DO UPDATE SET record = excluded.record",
+            unresolved_orders=sqlite.unresolved_orders.replace("GLOB 'order:*'",
+                                                               "LIKE 'order:%'"),
         )
         return replace(sqlite, **spelled)
 

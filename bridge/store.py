@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -193,10 +195,27 @@ class Store:
         return self.backend.backlog()
 
     def in_use(self) -> list[tuple[str, str]]:
-        """(iccid, esimTranNo) of the eSIMs in use, read on a connection of its own
-        (blocking: run it on a thread)."""
-        with self.backend.reading() as conn:
+        """(iccid, esimTranNo) of the eSIMs in use (blocking: run it on a thread)."""
+        with self._reading() as conn:
             return esims_in_use(conn, self.sql.esim_records)
+
+    def pending_orders(self) -> list[str]:
+        """The orderNo of every order waiting for its eSIMs to be read (`order_pending`),
+        whichever bridge stored it (blocking: run it on a thread)."""
+        with self._reading() as conn:
+            rows = conn.execute(self.sql.unresolved_orders).fetchall()
+        return [Entity.parse(key).name for key, blob in rows
+                if topics.order_pending(_record_decoder.decode(blob))]
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection of its own, for reads off the write path; StoreUnavailable when
+        the store cannot be read (the database out of reach), as for a write."""
+        try:
+            with self.backend.reading() as conn:
+                yield conn
+        except self.errors as exc:
+            raise StoreUnavailable(f"the store cannot be read: {exc}") from exc
 
     def is_busy(self, exc: Exception) -> bool:
         """Another writer holds the store: nothing is wrong, `begin` again later."""
@@ -334,11 +353,10 @@ class Store:
             count += self._change(conn, entity, prior, plan, batch, at)
             iccids.append(reading.iccid)
         if write.order_no is not None and topics.SEGMENT.match(write.order_no):
-            message = Message(self.topics.order_esims(write.order_no),
-                              msgspec.json.encode(sorted(iccids)), True)
-            self._keep(batch, Entity("order", write.order_no).key, [message])
-            batch.outbox.append(message)
-            count += 1
+            entity = Entity("order", write.order_no)
+            prior = self._record(conn, entity, batch)
+            plan = topics.plan_order_esims(write.order_no, iccids, prior, at, self.topics)
+            count += self._change(conn, entity, prior, plan, batch, at)
         return count
 
     def _change(

@@ -2,10 +2,12 @@
 
 With `provider.access_code` set, the bridge reads every profile of the account at start
 and every `provider.sync_minutes`, the data used by the eSIMs in use every
-`provider.usage_minutes`, and an order's profiles as soon as its ORDER_STATUS says
-GOT_RESOURCE. What it reads becomes `Reading`s that enter the store through the same
-transaction, merge and out-of-order rule as a webhook (`store.Poll`). Nothing here runs
-on the webhook path: a provider that hangs delays only this.
+`provider.usage_minutes`, and an order's profiles once its ORDER_STATUS says GOT_RESOURCE.
+The store says which orders wait for that (`Store.pending_orders`), so an order is
+resolved whichever replica took its webhook, and after a restart too. What it reads
+becomes `Reading`s that enter the store through the same transaction, merge and
+out-of-order rule as a webhook (`store.Poll`). Nothing here runs on the webhook path: a
+provider that hangs delays only this.
 
 `<base>/bridge/provider` says how the last call went (ok, unauthorized, unreachable,
 error), `<base>/bridge/balance` the account's balance, `<base>/bridge/last_sync` when
@@ -42,6 +44,9 @@ CHUNK = 5
 REST = 1.0
 REFRESH_EVERY = 60.0  # s: a refresh command is taken at most this often, per eSIM and in all
 RETRY = (60.0, 3600.0)  # s: after a failed round, the first wait, and the longest
+# s: how often the store is asked for pending orders: those another replica took, or that
+# a bridge stopped before resolving (this process's own are resolved at once)
+LOOK_EVERY = 12.0
 
 
 def profile_reading(profile: Profile, activation: bool = False) -> Reading | None:
@@ -83,11 +88,12 @@ def usage_reading(iccid: str, usage: Usage) -> Reading | None:
 
 
 class Sync:
-    """Runs the three loops for as long as `run()` is awaited (the app's lifespan)."""
+    """Runs the three loops for as long as `run()` is awaited (the app's lifespan).
+    `look_every` is there for tests to shorten."""
 
     def __init__(
         self, client: ProviderClient, committer: Committer, store: Store, topics: Topics,
-        settings: ProviderConfig,
+        settings: ProviderConfig, look_every: float = LOOK_EVERY,
     ) -> None:
         self.client = client
         self.committer = committer
@@ -95,14 +101,18 @@ class Sync:
         self.topics = topics
         self.settings = settings
         self.synced = asyncio.Event()  # set after the first complete sync
+        self.look_every = look_every
         self._orders: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()  # orders in `_orders`, or being resolved
+        self._failed: set[str] = set()  # left alone until the next full sync round
         self._status: str | None = None
         self._refreshed: dict[str, float] = {}  # what a refresh named -> when (monotonic)
         self._tasks: set[asyncio.Task[bool]] = set()
 
     def order_ready(self, order_no: str) -> None:
-        """An ORDER_STATUS GOT_RESOURCE was stored: read that order's profiles soon."""
-        self._orders.put_nowait(order_no)
+        """An ORDER_STATUS GOT_RESOURCE was stored by this process: read that order's
+        profiles now, without waiting for the next look at the store."""
+        self._queue_order(order_no)
 
     def refresh(self, target: str) -> None:
         """A refresh command for an iccid, or `bridge` for everything: read it again now,
@@ -161,9 +171,59 @@ class Sync:
         await self._every(self.settings.usage_minutes * 60, self.poll_usage)
 
     async def _resolve_orders(self) -> None:
+        """Resolve the pending orders one at a time: those the store holds, looked for at
+        start and every `look_every`, and those `order_ready` names in between. The store
+        is read only while no order is being resolved: what it says is never older than
+        the last resolution."""
+        # what was named before this run (while another replica called the provider, say)
+        # may have been resolved since: the first look says what is still pending
+        while not self._orders.empty():
+            self._orders.get_nowait()
+        self._queued.clear()
+        loop = asyncio.get_running_loop()
         while True:
-            order_no = await self._orders.get()
-            await self._attempt(partial(self.resolve_order, order_no))
+            await self._look_for_orders()
+            look_at = loop.time() + self.look_every
+            while (order_no := await self._next_order(look_at)) is not None:
+                await self._resolve(order_no)
+
+    async def _look_for_orders(self) -> None:
+        """Queue every order the store says is pending, whichever replica stored it."""
+        try:
+            pending = await asyncio.to_thread(self.store.pending_orders)
+        except StoreUnavailable as exc:
+            log.warning("could not look for pending orders (%s); looking again later", exc)
+            return
+        for order_no in pending:
+            self._queue_order(order_no)
+
+    def _queue_order(self, order_no: str) -> None:
+        """Resolve an order soon, unless it is queued already or failed this round."""
+        if order_no not in self._queued and order_no not in self._failed:
+            self._queued.add(order_no)
+            self._orders.put_nowait(order_no)
+
+    async def _next_order(self, until: float) -> str | None:
+        """The next order queued, waited for until `until` (the loop's clock); None then."""
+        wait = until - asyncio.get_running_loop().time()
+        if wait <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._orders.get(), wait)
+        except TimeoutError:
+            return None
+
+    async def _resolve(self, order_no: str) -> None:
+        """Resolve one order; one that fails (the provider still allocating past
+        `order_wait`, an unknown order, no answer) waits for the next full sync round,
+        rather than being asked for again at every look."""
+        try:
+            if not await self._attempt(partial(self.resolve_order, order_no)):
+                log.info("order %s: its eSIMs could not be read; trying again with the next "
+                         "full sync", order_no)
+                self._failed.add(order_no)
+        finally:
+            self._queued.discard(order_no)
 
     async def _attempt(self, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """Run one round; a refusal or a store that cannot write is logged, not raised."""
@@ -182,7 +242,9 @@ class Sync:
     # -- the work -------------------------------------------------------------------------
 
     async def sync_all(self) -> None:
-        """The balance, then every profile of the account; `last_sync` once all are in."""
+        """The balance, then every profile of the account; `last_sync` once all are in. A
+        round also lets the orders that failed be tried again (at the next look)."""
+        self._failed.clear()
         balance = await self.client.balance()
         await self.committer.post([self._retained(self.topics.balance, f"{balance.usd:.2f}")])
         seen: set[str] = set()

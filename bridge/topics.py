@@ -399,6 +399,23 @@ def _timestamp(value: Value | None) -> float | None:
         return None
 
 
+def plan_order_esims(order_no: str, iccids: list[str], prior: Record | None, at: float,
+                     topics: Topics) -> Plan:
+    """`<base>/order/<orderNo>/esims` once the order's profiles were read (at `at`). The
+    list is kept in the order's record (as JSON text), like every other retained topic:
+    the resync at start republishes it rather than clearing it, and an order whose
+    record holds it is no longer pending (`order_pending`)."""
+    listed = msgspec.json.encode(sorted(iccids)).decode()
+    record, applied = merge(prior, {"esims": listed}, at)
+    return Plan(retained(Entity("order", order_no), record, topics, applied), record)
+
+
+def order_pending(record: Record) -> bool:
+    """Whether an order waits for its eSIMs to be read from the provider's API: its
+    ORDER_STATUS said GOT_RESOURCE, and its `esims` are not known yet."""
+    return record.fields.get("order_status") == "GOT_RESOURCE" and "esims" not in record.fields
+
+
 class Reading(msgspec.Struct, frozen=True):
     """What the provider's API says of one eSIM now, as state fields.
 
@@ -497,9 +514,10 @@ def retained(
         ]
         out.append(Message(topics.esim(entity.name, "state"), state_payload(record), True))
         return out
-    if entity.kind == "order" and "order_status" in wanted:
-        status = text(record.fields["order_status"])
-        return [Message(topics.order_status(entity.name), status, True)]
+    if entity.kind == "order":
+        spelled = {"order_status": topics.order_status, "esims": topics.order_esims}
+        return [Message(spell(entity.name), text(held[key]), True)
+                for key, spell in spelled.items() if key in wanted]
     if entity.kind == "bridge" and "last_health_check" in wanted:
         last = text(record.fields["last_health_check"])
         return [Message(topics.last_health_check, last, True)]

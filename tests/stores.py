@@ -28,8 +28,8 @@ from bridge.committer import Committer
 from bridge.homeassistant import HomeAssistant
 from bridge.models import decode
 from bridge.outbox import Message
-from bridge.store import Accepted, Store
-from bridge.topics import Topics
+from bridge.store import Accepted, Poll, Store
+from bridge.topics import Reading, Topics
 from tests.brokers import free_port
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
@@ -68,6 +68,16 @@ class Driver:
 
     def post(self, messages: list[Message]) -> int:
         return asyncio.run(self.committer.post(messages))
+
+    def poll(self, readings: list[Reading], order_no: str | None = None) -> int:
+        """Store what the provider's API said, as `bridge/sync.py` does (read now)."""
+
+        async def submit() -> int:
+            sent = await self.committer.submit(Poll(readings, datetime.now(UTC), order_no))
+            assert isinstance(sent, int), sent
+            return sent
+
+        return asyncio.run(submit())
 
     def outbox(self, after: int = 0) -> list[tuple[int, Message]]:
         rows = self.execute(

@@ -14,7 +14,7 @@ import paho.mqtt.publish as publish
 import pytest
 
 from tests.brokers import Mosquitto
-from tests.processes import BridgeProcess, Watcher, fixture, request, retained
+from tests.processes import BridgeProcess, Watcher, fixture, post_sentinel, request, retained
 from tests.provider_standin import ProviderStandin, profile
 
 CODE = "standin-access-code"
@@ -193,6 +193,42 @@ def test_an_order_resolves_to_its_esims(
         bridge.stop()
     assert json.loads(held["esim/order/B26120600000001/esims"]) == iccids
     assert held["esim/order/B26120600000001/status"] == b"GOT_RESOURCE"
+
+
+def test_a_bridge_restarted_with_a_pending_order_resolves_it(
+    tmp_path: Path, mosquitto: Mosquitto, standin: ProviderStandin
+) -> None:
+    """Killed while the provider still allocated the order's profiles: its webhook was
+    acknowledged, so the next start resolves it, with no webhook; and the list stays on
+    the broker across the restart after that, without the order being asked for again."""
+    order_no = "B26120600000002"
+    added = standin.allocate(order_no, 2, seconds=3600)  # 200010 for as long as it runs
+    order = json.loads(fixture("order_status"))
+    order["content"].update(orderNo=order_no, orderStatus="GOT_RESOURCE")
+    first = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        assert first.post(json.dumps(order).encode()).status == 200
+        wait_until(lambda: queries(standin, orderNo=order_no) > 0, "the order asked for", 15)
+    finally:
+        first.kill()
+    standin.pending[order_no] = 0  # allocated while no bridge ran
+    topic = f"esim/order/{order_no}/esims"
+    listed = json.dumps(sorted(str(p["iccid"]) for p in added), separators=(",", ":"))
+    second = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+    try:
+        wait_until_value(mosquitto.port, topic, listed.encode(), 30)
+    finally:
+        second.stop()
+    asked = queries(standin, orderNo=order_no)
+    with Watcher(mosquitto.port, [topic, "esim/event/#"]) as watcher:
+        third = BridgeProcess(tmp_path, mosquitto.url, provider(standin)).start()
+        try:
+            post_sentinel(third, watcher)
+        finally:
+            third.stop()
+    assert b"" not in watcher.payloads(topic)  # never cleared
+    assert retained(mosquitto.port, topic)[topic] == listed.encode()
+    assert queries(standin, orderNo=order_no) == asked
 
 
 def test_a_reused_iccid_in_the_api_clears_the_earlier_esims_fields(

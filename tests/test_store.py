@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bridge import outbox
+from bridge.topics import Reading
 from tests.processes import FIXTURES
 from tests.stores import Place, open_store
 
@@ -163,6 +164,53 @@ def test_an_esim_an_older_version_stored_under_a_reserved_name_gets_no_topics(
                       (f"esim:{ICCID}",))
     with open_store(place) as store:
         assert not [topic for topic in store.retained() if topic.startswith("esim/bridge/")]
+
+
+# -- orders --------------------------------------------------------------------------------------
+
+
+def order_status(order_no: str, status: str = "GOT_RESOURCE") -> bytes:
+    return json.dumps({"notifyType": "ORDER_STATUS", "notifyId": f"order-{order_no}-{status}",
+                       "content": {"orderNo": order_no, "orderStatus": status}}).encode()
+
+
+def profile_of(iccid: str, order_no: str) -> Reading:
+    return Reading(iccid, f"T-{iccid}", {"order_no": order_no, "status": "GOT_RESOURCE"}, {})
+
+
+def test_an_orders_esims_stay_on_the_broker_across_a_restart(place: Place) -> None:
+    """`<base>/order/<orderNo>/esims` is kept with the order, like its status: the resync at
+    start republishes it, it does not clear it (nor does a new base topic lose it)."""
+    esims = "esim/order/B1/esims"
+    with open_store(place) as store:
+        store.ingest(order_status("B1"))
+        store.poll([profile_of("8900000000000000002", "B1"),
+                    profile_of("8900000000000000001", "B1")], "B1")
+        assert store.retained()[esims] == b'["8900000000000000001","8900000000000000002"]'
+    with open_store(place) as store:
+        assert store.retained()[esims] == b'["8900000000000000001","8900000000000000002"]'
+        assert (esims, b"") not in [(m.topic, m.payload) for _, m in store.outbox()]
+    with open_store(place, base="new") as store:
+        kept = store.retained()
+    assert kept["new/order/B1/esims"] == b'["8900000000000000001","8900000000000000002"]'
+    assert esims not in kept
+
+
+def test_an_order_is_pending_from_its_got_resource_until_its_esims_are_stored(
+    place: Place,
+) -> None:
+    with open_store(place) as store:
+        store.ingest(order_status("B1"))
+        store.ingest(order_status("B2", "PROCESSING"))  # not ready: nothing to read yet
+        store.ingest(order_status("B3"))
+        store.ingest(data_usage("p1", 5))  # an eSIM is never an order
+        assert sorted(store.store.pending_orders()) == ["B1", "B3"]
+        store.poll([profile_of("8900000000000000001", "B1")], "B1")
+        store.poll([], "B3")  # an order the provider lists no eSIMs for is resolved too
+        assert store.store.pending_orders() == []
+    with open_store(place) as store:  # after a restart (the resync) as well
+        store.ingest(order_status("B4"))
+        assert store.store.pending_orders() == ["B4"]
 
 
 # -- ICCID reuse ---------------------------------------------------------------------------------

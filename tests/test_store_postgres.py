@@ -18,6 +18,7 @@ import pytest
 
 from bridge import postgres
 from bridge.store import Accepted, StoreUnavailable
+from bridge.topics import Reading
 from tests.processes import FIXTURES
 from tests.stores import Driver, make_store, open_store, postgres_database
 
@@ -103,6 +104,18 @@ def test_a_reused_iccid_holds_across_replicas(url: str) -> None:
     assert state["esim_tran_no"] == "NEW" and "data_remaining" not in state
 
 
+def test_an_order_one_replica_stored_is_pending_for_the_other(url: str) -> None:
+    """The replica that calls the provider resolves the orders whichever replica took
+    their webhook; once it has, the order is pending for neither."""
+    order = json.dumps({"notifyType": "ORDER_STATUS", "notifyId": "order-1",
+                        "content": {"orderNo": "B1", "orderStatus": "GOT_RESOURCE"}}).encode()
+    with open_store(url) as standby, open_store(url) as publishing:
+        standby.ingest(order)
+        assert publishing.store.pending_orders() == ["B1"]
+        publishing.poll([Reading(ICCID, "T1", {"order_no": "B1"}, {})], "B1")
+        assert standby.store.pending_orders() == publishing.store.pending_orders() == []
+
+
 def test_two_replicas_starting_together_create_the_schema_once(url: str) -> None:
     stores = [make_store(url) for _ in range(4)]
     try:
@@ -123,10 +136,13 @@ def test_postgresql_out_of_reach_at_start_says_where(monkeypatch: pytest.MonkeyP
     assert "127.0.0.1:9" in str(raised.value) and "hunter2" not in str(raised.value)
 
 
-def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(url: str) -> None:
+def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The database refuses connections and drops those it had (as in a restart): a webhook
     gets StoreUnavailable (the route's 503); once it is back, webhooks are taken again
     without a restart of the bridge."""
+    monkeypatch.setattr(postgres, "OPEN_WAIT", 1.0)  # how long a read waits for a connection
     name = url.rsplit("/", 1)[1]
     admin = psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True)
     start = datetime.now(UTC)
@@ -140,6 +156,12 @@ def test_postgresql_gone_is_a_503_and_the_store_recovers_by_itself(url: str) -> 
                 store.ingest(data_usage("g1", 9, start))
             with pytest.raises(StoreUnavailable):  # and again, while it stays away
                 store.ingest(data_usage("g1", 9, start))
+            # the provider sync's reads say so too (it tries again later), never raise
+            # the driver's own error (it would end the sync until a restart)
+            with pytest.raises(StoreUnavailable):
+                store.store.in_use()
+            with pytest.raises(StoreUnavailable):
+                store.store.pending_orders()
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
             deadline = time.monotonic() + 20
             while True:

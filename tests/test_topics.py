@@ -403,3 +403,24 @@ def test_a_profile_of_another_esim_starts_the_iccid_afresh() -> None:
     assert result.reused and result.record is not None
     assert "data_remaining" not in result.record.fields
     assert result.record.fields["esim_tran_no"] == "T2"
+
+
+@pytest.mark.parametrize(("fields", "pending"), [
+    ({"order_status": "GOT_RESOURCE"}, True),
+    ({"order_status": "PROCESSING"}, False),
+    ({"order_status": "GOT_RESOURCE", "esims": "[]"}, False),
+    ({"esims": '["1"]'}, False),
+])
+def test_an_order_is_pending_from_got_resource_until_its_esims_are_known(
+    fields: dict[str, topics.Value], pending: bool
+) -> None:
+    assert topics.order_pending(Record(fields)) is pending
+
+
+def test_an_orders_esims_are_kept_in_its_record_beside_its_status() -> None:
+    status = Record({"order_status": "GOT_RESOURCE"}, {"order_status": 1.0})
+    plan = topics.plan_order_esims("B1", ["2", "1"], status, 2.0, Topics("esim"))
+    assert plan.messages == [Message("esim/order/B1/esims", b'["1","2"]', True)]
+    assert plan.record is not None and not topics.order_pending(plan.record)
+    assert retained(Entity("order", "B1"), plan.record, Topics("esim")) == [
+        Message("esim/order/B1/status", b"GOT_RESOURCE", True), *plan.messages]
