@@ -310,7 +310,10 @@ class Publisher:
         # would have done this for messages sent through its publish())
         for mid, (_, packet) in self._pending.items():
             self.client.queue_again(mid, packet)
-        client.subscribe(self.state_topic, qos=1)  # a will of a replica that stepped down
+        if self.lease is not None:  # a late will of a replica that published before
+            # (only then: amqtt, the embedded broker, sends the retained message of a new
+            # subscription to every subscriber, whatever their filters)
+            client.subscribe(self.state_topic, qos=1)
         if self.settings.birth_topic is not None:
             client.subscribe(self.settings.birth_topic, qos=1)
         for topic_filter in self.settings.commands:
