@@ -119,8 +119,8 @@ def _ms(value: float | None) -> float | None:
 def measure_webhook_system(
     spec: SystemSpec, plan: Plan, mqtt_port: int, workdir: Path, round_no: int
 ) -> RoundResult:
-    """One round of a system: of each of its processes when it has replicas (the load
-    alternates between them; memory and CPU are their sum, ready is the last one's)."""
+    """One round of one system. A system with replicas is all of them: the load goes to
+    each in turn, memory and CPU are their sum, and it is ready when the last one is."""
     result = RoundResult(spec.key, round_no)
     launch: Launch | None = None
     procs: list[Process] = []

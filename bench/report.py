@@ -309,8 +309,8 @@ def _on_postgres(plan: Plan, by_key: dict[str, Summary]) -> list[str]:
         f"@{plan.rate:.0f}/s | e2e p99 vs SQLite |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
+    base = sqlite.warm if sqlite else Latency()
     for s in rows:
-        base = sqlite.warm if sqlite else Latency()
         lines.append(
             f"| {s.spec.label} | {_ratio(s.rate, sqlite.rate if sqlite else None)} "
             f"| {_ratio(s.rate, one.rate if one and s is not one else None)} "

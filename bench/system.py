@@ -152,19 +152,15 @@ def _on_postgres(replicas: int) -> Callable[[Path, int], Launch]:
     of its own: two connections with one id would take the session from each other."""
 
     def launch(workdir: Path, mqtt_port: int) -> Launch:
-        database = contextlib.ExitStack()
-        url = database.enter_context(_database())
-        try:
+        with contextlib.ExitStack() as database:
+            url = database.enter_context(_database())
             bridges = [
                 _bridge(workdir / f"replica-{n}", mqtt_port, f'url = "{url}"',
                         f'client_id = "esim-bridge-{n}"\n' if replicas > 1 else "")
                 for n in range(1, replicas + 1)
             ]
-        except BaseException:
-            database.close()
-            raise
-        return dataclasses.replace(bridges[0], replicas=tuple(bridges[1:]),
-                                   cleanup=database.close)
+            drop = database.pop_all().close  # kept until the round ends
+        return dataclasses.replace(bridges[0], replicas=tuple(bridges[1:]), cleanup=drop)
 
     return launch
 
@@ -183,13 +179,19 @@ def _database() -> Iterator[str]:
     try:
         yield f"{POSTGRES}/{name}"
     finally:
-        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        try:
+            with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except psycopg.Error as exc:
+            print(f"could not drop the database {name} ({exc}): drop it by hand",
+                  file=sys.stderr, flush=True)
 
 
 def _postgres_unavailable(quick: bool) -> str | None:
     if quick:
         return "full mode only, to keep --quick short"
+    if reason := _bridge_unavailable(quick):
+        return reason
     try:
         import psycopg
     except ImportError:
@@ -198,7 +200,7 @@ def _postgres_unavailable(quick: bool) -> str | None:
         psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=3).close()
     except psycopg.Error as exc:
         return f"no PostgreSQL for user postgres at 127.0.0.1:5432 ({exc})"
-    return _bridge_unavailable(quick)
+    return None
 
 
 def paho_launch(duration: float) -> Callable[[Path, int], Launch]:
