@@ -106,7 +106,7 @@ port = {port}
 
 [mqtt]
 url = "mqtt://127.0.0.1:{mqtt_port}"
-{mqtt}
+
 [store]
 {store}
 """
@@ -124,12 +124,11 @@ def bridge_launch(workdir: Path, mqtt_port: int, synchronous: str = "full") -> L
     return _bridge(workdir, mqtt_port, store)
 
 
-def _bridge(workdir: Path, mqtt_port: int, store: str, mqtt: str = "") -> Launch:
+def _bridge(workdir: Path, mqtt_port: int, store: str) -> Launch:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "bridge.toml"
-    config.write_text(BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, mqtt=mqtt,
-                                           store=store))
+    config.write_text(BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, store=store))
     return Launch([*bridge_command(), "serve", "--config", str(config)], port)
 
 
@@ -148,15 +147,14 @@ def _bridge_unavailable(quick: bool) -> str | None:
 
 def _on_postgres(replicas: int) -> Callable[[Path, int], Launch]:
     """`replicas` bridges on one new database of the machine's PostgreSQL (`store.url`;
-    dropped when the round ends) and on the one broker. Each replica has an MQTT client id
-    of its own: two connections with one id would take the session from each other."""
+    dropped when the round ends) and on the one broker, configured alike, as a user would
+    (with store.url each takes an MQTT client id of its own)."""
 
     def launch(workdir: Path, mqtt_port: int) -> Launch:
         with contextlib.ExitStack() as database:
             url = database.enter_context(_database())
             bridges = [
-                _bridge(workdir / f"replica-{n}", mqtt_port, f'url = "{url}"',
-                        f'client_id = "esim-bridge-{n}"\n' if replicas > 1 else "")
+                _bridge(workdir / f"replica-{n}", mqtt_port, f'url = "{url}"')
                 for n in range(1, replicas + 1)
             ]
             drop = database.pop_all().close  # kept until the round ends
