@@ -13,6 +13,10 @@ Two modes, one connection pool:
 - open: requests are due at a fixed rate whether or not earlier ones have been
   answered; latency counts from when a request was due, so a stall is not
   hidden by the generator waiting politely (coordinated omission).
+
+Several `--port`s (replicas of one system): the connections are dealt out among
+them in turn, and in the open loop request n goes to port n mod their number, so
+each replica takes every other webhook, as behind a round-robin load balancer.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import sys
 import time
 from array import array
@@ -55,8 +60,9 @@ class LoadResult(msgspec.Struct):
 class _Connection(asyncio.Protocol):
     """One keep-alive connection with at most one request in flight."""
 
-    def __init__(self, driver: _Driver) -> None:
+    def __init__(self, driver: _Driver, lane: int) -> None:
         self.driver = driver
+        self.lane = lane  # which of the ports it is connected to
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.current: tuple[int, float] | None = None
@@ -69,7 +75,7 @@ class _Connection(asyncio.Protocol):
     def send(self, seq: int, due: float) -> None:
         assert self.transport is not None
         self.current = (seq, due)
-        self.transport.write(self.driver.request(seq))
+        self.transport.write(self.driver.request(seq, self.lane))
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -111,10 +117,14 @@ class _Driver:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.bodies = BodyFactory(args.tag, args.iccids)
-        self.head = (
-            f"POST {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {self.bodies.length}\r\n\r\n"
-        ).encode()
+        self.heads = [
+            (
+                f"POST {args.path} HTTP/1.1\r\nHost: {args.host}:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {self.bodies.length}"
+                "\r\n\r\n"
+            ).encode()
+            for port in args.port
+        ]
         self.next_seq = 0
         self.seqs = array("q")
         self.due = array("d")
@@ -123,22 +133,28 @@ class _Driver:
         self.first_error = ""
         self.in_flight = 0
         self.stopping = False
-        self.idle: list[_Connection] = []
-        self.backlog: collections.deque[tuple[int, float]] = collections.deque()
+        # per port (lane): its idle connections, and its requests waiting for one
+        self.idle: list[list[_Connection]] = [[] for _ in args.port]
+        self.backlog: list[collections.deque[tuple[int, float]]] = [
+            collections.deque() for _ in args.port
+        ]
         self.finished = asyncio.get_running_loop().create_future()
 
-    def request(self, seq: int) -> bytes:
-        return self.head + self.bodies.body(seq)
+    def request(self, seq: int, lane: int) -> bytes:
+        return self.heads[lane] + self.bodies.body(seq)
+
+    def waiting(self) -> int:
+        return sum(len(backlog) for backlog in self.backlog)
 
     def _error(self, text: str) -> None:
         self.errors += 1
         if not self.first_error:
             self.first_error = text
 
-    def _take(self) -> tuple[int, float] | None:
-        """The next request for a free connection, or None to leave it idle."""
-        if self.backlog:
-            return self.backlog.popleft()
+    def _take(self, lane: int) -> tuple[int, float] | None:
+        """The next request for a free connection of `lane`, or None to leave it idle."""
+        if self.backlog[lane]:
+            return self.backlog[lane].popleft()
         if self.args.mode == "closed" and not self.stopping:
             if self.args.count and self.next_seq >= self.args.count:
                 return None
@@ -148,9 +164,9 @@ class _Driver:
         return None
 
     def dispatch(self, conn: _Connection) -> None:
-        job = self._take()
+        job = self._take(conn.lane)
         if job is None:
-            self.idle.append(conn)
+            self.idle[conn.lane].append(conn)
             if self.in_flight == 0 and self._done_sending() and not self.finished.done():
                 self.finished.set_result(None)
             return
@@ -158,18 +174,19 @@ class _Driver:
         conn.send(*job)
 
     def _done_sending(self) -> bool:
-        if self.backlog:
+        if self.waiting():
             return False
         if self.args.mode == "closed":
             return self.stopping or bool(self.args.count and self.next_seq >= self.args.count)
         return self.stopping
 
     def enqueue(self, seq: int, due: float) -> None:
-        if self.idle:
+        lane = seq % len(self.idle)
+        if self.idle[lane]:
             self.in_flight += 1
-            self.idle.pop().send(seq, due)
+            self.idle[lane].pop().send(seq, due)
         else:
-            self.backlog.append((seq, due))
+            self.backlog[lane].append((seq, due))
 
     def on_response(self, conn: _Connection, seq: int, due: float, status: int) -> None:
         now = time.monotonic()
@@ -187,12 +204,12 @@ class _Driver:
             self.in_flight -= 1
             self._error(f"connection lost with a request in flight: {exc!r}")
             conn.current = None
-        if conn in self.idle:
-            self.idle.remove(conn)
+        if conn in self.idle[conn.lane]:
+            self.idle[conn.lane].remove(conn)
 
     def stop(self) -> None:
         self.stopping = True
-        if self.in_flight == 0 and not self.backlog and not self.finished.done():
+        if self.in_flight == 0 and not self.waiting() and not self.finished.done():
             self.finished.set_result(None)
 
 
@@ -211,8 +228,11 @@ async def run(args: argparse.Namespace) -> LoadResult:
     loop = asyncio.get_running_loop()
     driver = _Driver(args)
     conns: list[_Connection] = []
-    for _ in range(args.connections):
-        _, conn = await loop.create_connection(lambda: _Connection(driver), args.host, args.port)
+    for n in range(args.connections):
+        lane = n % len(args.port)
+        _, conn = await loop.create_connection(
+            functools.partial(_Connection, driver, lane), args.host, args.port[lane]
+        )
         conns.append(conn)
     cpu_start = time.process_time()
     started = time.monotonic()
@@ -227,7 +247,8 @@ async def run(args: argparse.Namespace) -> LoadResult:
         else:
             await asyncio.sleep(args.duration)
     else:
-        driver.idle.extend(conns)
+        for conn in conns:
+            driver.idle[conn.lane].append(conn)
         total = int(args.rate * args.duration)
         feeder = asyncio.create_task(_open_loop_feed(driver, started, args.rate, total))
         await feeder
@@ -238,7 +259,7 @@ async def run(args: argparse.Namespace) -> LoadResult:
     try:
         await asyncio.wait_for(asyncio.shield(driver.finished), STALL_TIMEOUT)
     except TimeoutError:
-        unanswered = driver.in_flight + len(driver.backlog)
+        unanswered = driver.in_flight + driver.waiting()
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
@@ -265,7 +286,8 @@ async def run(args: argparse.Namespace) -> LoadResult:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, nargs="+", required=True,
+                        help="several: replicas of one system, taking requests in turn")
     parser.add_argument("--path", default="/webhook")
     parser.add_argument("--mode", choices=("closed", "open"), default="closed")
     parser.add_argument("--connections", type=int, default=32)

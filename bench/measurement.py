@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from bench.plan import Plan
 from bench.process_tree import RssSampler, cpu_seconds
 from bench.stats import percentile
 from bench.subscriber import Subscriber
-from bench.system import ROOT, Process, SystemSpec
+from bench.system import ROOT, Launch, Process, SystemSpec
 
 _tags = itertools.count(random.randrange(1 << 20, 1 << 30))
 
@@ -82,15 +83,19 @@ class RoundResult:
 
 
 def run_load(
-    port: int, plan: Plan, workdir: Path, tag: int, *, mode: str, duration: float, **extra: float
+    port: int | Sequence[int], plan: Plan, workdir: Path, tag: int, *, mode: str,
+    duration: float, **extra: float,
 ) -> LoadResult:
-    """Runs the load generator in its own process and reads back what it did."""
+    """Runs the load generator in its own process and reads back what it did; given
+    several ports (replicas), it sends to each in turn."""
     out = workdir / f"load-{tag:08x}.msgpack"
+    ports = [port] if isinstance(port, int) else list(port)
     argv = [
         sys.executable,
         "-m",
         "bench.loadgen",
-        *("--port", str(port), "--mode", mode, "--duration", str(duration)),
+        "--port", *map(str, ports),
+        *("--mode", mode, "--duration", str(duration)),
         *("--connections", str(plan.connections), "--tag", hex(tag)),
         *("--iccids", str(int(extra.pop("iccids", plan.iccids)))),
         *("--out", str(out)),
@@ -114,48 +119,58 @@ def _ms(value: float | None) -> float | None:
 def measure_webhook_system(
     spec: SystemSpec, plan: Plan, mqtt_port: int, workdir: Path, round_no: int
 ) -> RoundResult:
+    """One round of one system. A system with replicas is all of them: the load goes to
+    each in turn, memory and CPU are their sum, and it is ready when the last one is."""
     result = RoundResult(spec.key, round_no)
-    launch = spec.launch(workdir, mqtt_port)
-    assert launch.http_port is not None
-    port = launch.http_port
-    proc = Process(launch, workdir / f"{spec.key}.log")
+    launch: Launch | None = None
+    procs: list[Process] = []
     sub: Subscriber | None = None
     try:
-        result.ready_s = proc.wait_ready(plan.ready_timeout)
+        launch = spec.launch(workdir, mqtt_port)
+        ports = [one.http_port for one in launch.everyone if one.http_port is not None]
+        for n, one in enumerate(launch.everyone):
+            log = workdir / (f"{spec.key}.log" if n == 0 else f"{spec.key}-{n + 1}.log")
+            procs.append(Process(one, log))
+        result.ready_s = max(proc.wait_ready(plan.ready_timeout) for proc in procs)
         if spec.topic_filter is not None:
             client_id = f"bench-sub-{spec.key}-{round_no}"
             sub = Subscriber(mqtt_port, spec.topic_filter, client_id).start()
-        with RssSampler(proc.pid) as rss:
-            _warm_fleet(result, sub, plan, port, workdir)
-            run_load(port, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
-            _closed_phase(result, proc, sub, plan, port, workdir)
-            result.warm = _open_phase(result, sub, plan, port, workdir, plan.iccids)
+        with RssSampler(*(proc.pid for proc in procs)) as rss:
+            _warm_fleet(result, sub, plan, ports, workdir)
+            run_load(ports, plan, workdir, new_tag(), mode="closed", duration=plan.warmup)
+            _closed_phase(result, procs, sub, plan, ports, workdir)
+            result.warm = _open_phase(result, sub, plan, ports, workdir, plan.iccids)
             if spec.first_seen:
-                result.never_seen = _open_phase(result, sub, plan, port, workdir, 0)
+                result.never_seen = _open_phase(result, sub, plan, ports, workdir, 0)
         result.peak_rss = rss.peak
         result.peak_pss = rss.peak_pss
-        if not proc.alive():
-            result.error = f"exited with {proc.popen.returncode} during the run"
+        for proc in procs:
+            if not proc.alive():
+                result.error = f"exited with {proc.popen.returncode} during the run"
     except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         if sub is not None:
             sub.stop()
-        proc.stop()
+        for proc in procs:
+            proc.stop()
+        if launch is not None and launch.cleanup is not None:
+            launch.cleanup()
     if result.error:
-        result.notes.append(f"log tail of {spec.key}:\n{proc.tail()}")
+        for proc in procs:
+            result.notes.append(f"log tail of {proc.log.name}:\n{proc.tail()}")
     return result
 
 
 def _warm_fleet(
-    result: RoundResult, sub: Subscriber | None, plan: Plan, port: int, workdir: Path
+    result: RoundResult, sub: Subscriber | None, plan: Plan, ports: list[int], workdir: Path
 ) -> None:
     """One webhook per eSIM of the fleet (seqs 0..iccids-1 are its iccids, each once),
     all acknowledged and, where there is a subscriber, all out on MQTT."""
     tag = new_tag()
     if sub is not None:
         sub.track(tag)
-    load = run_load(port, plan, workdir, tag, mode="closed", duration=plan.ready_timeout,
+    load = run_load(ports, plan, workdir, tag, mode="closed", duration=plan.ready_timeout,
                     count=plan.iccids)
     if load.ok < plan.iccids:
         raise RuntimeError(f"fleet warm-up: {load.ok} of {plan.iccids} eSIMs acknowledged "
@@ -166,17 +181,17 @@ def _warm_fleet(
 
 def _closed_phase(
     result: RoundResult,
-    proc: Process,
+    procs: list[Process],
     sub: Subscriber | None,
     plan: Plan,
-    port: int,
+    ports: list[int],
     workdir: Path,
 ) -> None:
     tag = new_tag()
     seen = sub.track(tag) if sub is not None else {}
-    cpu_before = cpu_seconds(proc.pid)
-    load = run_load(port, plan, workdir, tag, mode="closed", duration=plan.duration)
-    cpu_after = cpu_seconds(proc.pid)
+    cpu_before = sum(cpu_seconds(proc.pid) for proc in procs)
+    load = run_load(ports, plan, workdir, tag, mode="closed", duration=plan.duration)
+    cpu_after = sum(cpu_seconds(proc.pid) for proc in procs)
     result.rate = load.in_window / load.duration
     result.http_errors += load.errors + load.unanswered
     result.first_error = result.first_error or load.first_error
@@ -198,7 +213,7 @@ def _open_phase(
     result: RoundResult,
     sub: Subscriber | None,
     plan: Plan,
-    port: int,
+    ports: list[int],
     workdir: Path,
     iccids: int,
 ) -> Latency:
@@ -206,7 +221,7 @@ def _open_phase(
     tag = new_tag()
     seen = sub.track(tag) if sub is not None else {}
     with DuringLoad(workdir) as disk:
-        load = run_load(port, plan, workdir, tag, mode="open", duration=plan.open_duration,
+        load = run_load(ports, plan, workdir, tag, mode="open", duration=plan.open_duration,
                         rate=plan.rate, iccids=iccids)
     result.http_errors += load.errors + load.unanswered
     result.first_error = result.first_error or load.first_error

@@ -81,10 +81,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 class RssSampler:
-    """Polls the tree's RSS in a thread and keeps the peak and a time series."""
+    """Polls the tree's RSS in a thread and keeps the peak and a time series; given several
+    pids (replicas of one system), the sum over their trees."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int, interval: float = 0.1) -> None:
+        self.pids = pids
         self.interval = interval
         self.peak = 0
         self.peak_pss = 0
@@ -106,11 +107,11 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> int:
-        value = rss_bytes(self.pid)
+        value = sum(rss_bytes(pid) for pid in self.pids)
         if value:
             self.samples.append((time.monotonic(), value))
             self.peak = max(self.peak, value)
-            self.peak_pss = max(self.peak_pss, pss_bytes(self.pid))
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(pid) for pid in self.pids))
         return value
 
     def at(self, when: float) -> int:

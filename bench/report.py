@@ -201,7 +201,8 @@ def render(
             )
     for key, reason in skipped.items():
         lines.append(f"| {key} | skipped: {reason} | | | | | | | | |")
-    lines += ["", *_targets(plan, by_key, bare_rate, red_rate), "", *_diagnostics(summaries)]
+    lines += ["", *_targets(plan, by_key, bare_rate, red_rate), *_on_postgres(plan, by_key)]
+    lines += ["", *_diagnostics(summaries)]
     if extra:
         lines += ["", *extra]
     errors = [f"- {s.spec.label}: {e}" for s in summaries for e in s.errors]
@@ -287,6 +288,38 @@ def _without_fsync(normal: Summary | None, at: str) -> list[str]:
         f"default): ACK p99 {_num(normal.warm.ack_p99, 1, ' ms')}, e2e p99 "
         f"{_num(normal.warm.e2e_p99, 1, ' ms')} @500/s{at}.",
     ]
+
+
+def _on_postgres(plan: Plan, by_key: dict[str, Summary]) -> list[str]:
+    """The rows on PostgreSQL (`store.url`) against the bridge on SQLite of the same run,
+    and two replicas against one."""
+    rows = [by_key[key] for key in ("bridge-pg", "bridge-pg2") if key in by_key]
+    if not rows:
+        return []
+    sqlite, one = by_key.get("bridge"), by_key.get("bridge-pg")
+    lines = [
+        "",
+        "## On PostgreSQL (`store.url`)",
+        "",
+        "Against esim-bridge on SQLite measured in the same run. With replicas, the "
+        "webhooks go to each in turn and each is counted once at the subscriber, whichever "
+        "replica published it (messages published more than once: dup msgs, below).",
+        "",
+        f"| system | webhooks/s vs SQLite | vs one on PostgreSQL | ACK p99 vs SQLite "
+        f"@{plan.rate:.0f}/s | e2e p99 vs SQLite |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    base = sqlite.warm if sqlite else Latency()
+    for s in rows:
+        lines.append(
+            f"| {s.spec.label} | {_ratio(s.rate, sqlite.rate if sqlite else None)} "
+            f"| {_ratio(s.rate, one.rate if one and s is not one else None)} "
+            f"| {_ratio(s.warm.ack_p99, base.ack_p99)} | {_ratio(s.warm.e2e_p99, base.e2e_p99)} |"
+        )
+    if sqlite is None:
+        lines += ["", "(Run the bridge row too, `--only bridge,bridge-pg,bridge-pg2`, for the "
+                  "ratios against SQLite.)"]
+    return lines
 
 
 def _diagnostics(summaries: Sequence[Summary]) -> list[str]:

@@ -8,13 +8,15 @@ another's database) and always stopped, group and all, even on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Launch:
-    """One start of a system: its argv, and where it answers HTTP (None: no HTTP)."""
+    """One start of a system: its argv, and where it answers HTTP (None: no HTTP).
+
+    `replicas`: more processes of the same system, started beside this one, that take
+    webhooks too (the load goes to each in turn); `cleanup` runs once every one of them
+    has stopped, for what the launch made outside the workdir (a database).
+    """
 
     argv: list[str]
     http_port: int | None
     env: dict[str, str] = field(default_factory=dict)
+    replicas: tuple[Launch, ...] = ()
+    cleanup: Callable[[], None] | None = None
+
+    @property
+    def everyone(self) -> list[Launch]:
+        return [self, *self.replicas]
 
 
 @dataclass(frozen=True)
@@ -95,9 +108,10 @@ port = {port}
 url = "mqtt://127.0.0.1:{mqtt_port}"
 
 [store]
-path = "{db}"
-synchronous = "{synchronous}"
+{store}
 """
+# The machine's PostgreSQL, as the tests use it (user postgres, trust auth)
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
 def bridge_command() -> list[str]:
@@ -106,12 +120,15 @@ def bridge_command() -> list[str]:
 
 
 def bridge_launch(workdir: Path, mqtt_port: int, synchronous: str = "full") -> Launch:
+    store = f'path = "{workdir / "bridge.db"}"\nsynchronous = "{synchronous}"'
+    return _bridge(workdir, mqtt_port, store)
+
+
+def _bridge(workdir: Path, mqtt_port: int, store: str) -> Launch:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "bridge.toml"
-    db = workdir / "bridge.db"
-    config.write_text(BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, db=db,
-                                           synchronous=synchronous))
+    config.write_text(BRIDGE_CONFIG.format(port=port, mqtt_port=mqtt_port, store=store))
     return Launch([*bridge_command(), "serve", "--config", str(config)], port)
 
 
@@ -125,6 +142,62 @@ def _bridge_without_fsync(workdir: Path, mqtt_port: int) -> Launch:
 def _bridge_unavailable(quick: bool) -> str | None:
     if not (ROOT / "bridge" / "cli.py").exists():
         return "bridge/cli.py does not exist yet (the CLI is being written)"
+    return None
+
+
+def _on_postgres(replicas: int) -> Callable[[Path, int], Launch]:
+    """`replicas` bridges on one new database of the machine's PostgreSQL (`store.url`;
+    dropped when the round ends) and on the one broker, configured alike, as a user would
+    (with store.url each takes an MQTT client id of its own)."""
+
+    def launch(workdir: Path, mqtt_port: int) -> Launch:
+        with contextlib.ExitStack() as database:
+            url = database.enter_context(_database())
+            bridges = [
+                _bridge(workdir / f"replica-{n}", mqtt_port, f'url = "{url}"')
+                for n in range(1, replicas + 1)
+            ]
+            drop = database.pop_all().close  # kept until the round ends
+        return dataclasses.replace(bridges[0], replicas=tuple(bridges[1:]), cleanup=drop)
+
+    return launch
+
+
+@contextlib.contextmanager
+def _database() -> Iterator[str]:
+    """A new database on the machine's PostgreSQL, dropped afterwards: its URL."""
+    import psycopg
+
+    name = f"esim_bench_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.Error as exc:
+        raise RuntimeError(f"cannot create a database at {POSTGRES}: {exc}") from exc
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        try:
+            with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except psycopg.Error as exc:
+            print(f"could not drop the database {name} ({exc}): drop it by hand",
+                  file=sys.stderr, flush=True)
+
+
+def _postgres_unavailable(quick: bool) -> str | None:
+    if quick:
+        return "full mode only, to keep --quick short"
+    if reason := _bridge_unavailable(quick):
+        return reason
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed: pip install -e '.[postgres]'"
+    try:
+        psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"no PostgreSQL for user postgres at 127.0.0.1:5432 ({exc})"
     return None
 
 
@@ -173,6 +246,22 @@ def all_systems(publish_seconds: float) -> list[SystemSpec]:
             _bridge_without_fsync,
             "esim/event/#",
             unavailable=_bridge_unavailable,
+            first_seen=True,
+        ),
+        SystemSpec(
+            "bridge-pg",
+            "esim-bridge on PostgreSQL",
+            _on_postgres(1),
+            "esim/event/#",
+            unavailable=_postgres_unavailable,
+            first_seen=True,
+        ),
+        SystemSpec(
+            "bridge-pg2",
+            "esim-bridge on PostgreSQL, 2 replicas (webhooks alternate)",
+            _on_postgres(2),
+            "esim/event/#",
+            unavailable=_postgres_unavailable,
             first_seen=True,
         ),
     ]
