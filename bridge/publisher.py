@@ -444,9 +444,10 @@ class Publisher:
             time.sleep(WATCH_EVERY)
             if self._publishing and not self._may_write():
                 time.sleep(WATCH_GRACE)  # the loop's own, orderly step-down
-                log.warning("the publisher's lease ran out while its loop was waiting: "
-                            "leaving now")
-                os._exit(STEPPED_DOWN)
+                if self._publishing and not self._may_write():  # (`offline` may be going out)
+                    log.warning("the publisher's lease ran out while its loop was waiting: "
+                                "leaving now")
+                    os._exit(STEPPED_DOWN)
 
     def _may_write(self) -> bool:
         """Whether this process may send to the broker now."""
