@@ -56,9 +56,10 @@ def test_a_holder_whose_session_the_server_ends_stops_holding_within_a_beat(
         standby.start()
         with psycopg.connect(database, autocommit=True) as admin:
             ended = admin.execute(
+                # this test's database only: other tests may hold leases on the server
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'esim-bridge-lease' AND pid IN "
-                "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+                "WHERE application_name = 'esim-bridge-lease' AND datname = current_database() "
+                "AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
             ).fetchall()
         assert ended == [(True,)]
         cut = time.monotonic()
