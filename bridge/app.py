@@ -74,6 +74,7 @@ class Services:
             topics, prefix=ha.prefix, version=__version__,
             provider=bool(config.provider.access_code),  # its entities, with the provider
             forget_ended_days=ha.forget_ended_days,
+            replicas=config.store.url is not None,  # then which replica publishes, too
         ) if ha.discovery else None
         broker = EmbeddedBroker(config.mqtt.embedded_listen) if config.mqtt.url is None else None
         path = Path(config.store.path)

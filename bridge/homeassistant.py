@@ -103,19 +103,20 @@ class HomeAssistant:
 
     def __init__(
         self, topics: Topics, *, prefix: str, version: str, provider: bool = False,
-        forget_ended_days: float = 30,
+        forget_ended_days: float = 30, replicas: bool = False,
     ) -> None:
         self.topics = topics
         self.prefix = prefix
         self.version = version
         self.provider = provider
+        self.replicas = replicas
         self.forget_after = forget_ended_days * 86400.0
 
     def bridge(self) -> list[Message]:
         """The bridge's own device."""
         topic, payload = bridge_discovery(
             base=self.topics.base, prefix=self.prefix, version=self.version,
-            provider=self.provider,
+            provider=self.provider, replicas=self.replicas,
         )
         return [Message(topic, payload, True)]
 
@@ -298,13 +299,14 @@ def esim_discovery(
 
 
 def bridge_discovery(
-    *, base: str, prefix: str, version: str, provider: bool = False
+    *, base: str, prefix: str, version: str, provider: bool = False, replicas: bool = False
 ) -> tuple[str, bytes]:
     """(topic, payload) for the bridge's own device: f"{prefix}/device/esim_bridge/config".
 
     With `provider` (the provider's API is configured), also the account's balance, how
-    the provider answers and the last complete sync; without it the payload is what it
-    was before they existed, byte for byte."""
+    the provider answers and the last complete sync; with `replicas` (the store on
+    PostgreSQL, which several bridges may share), which one publishes. Without them the
+    payload is what it was before they existed, byte for byte."""
     topics = Topics(base)
     uid = BRIDGE_OBJECT_ID
     avail = _availability(topics)
@@ -361,6 +363,17 @@ def bridge_discovery(
             avail,
         ),
     }
+    if replicas:
+        cmps["publisher"] = _entity(
+            "sensor",
+            uid,
+            "publisher",
+            "Publisher",
+            topics.bridge_info,
+            {"value_template": _json_field_template("publisher"), "icon": "mdi:server-network",
+             **_DIAGNOSTIC},
+            avail,
+        )
     if provider:
         cmps.update(_provider_components(topics, avail))
     device: Config = {

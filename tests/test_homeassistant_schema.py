@@ -339,6 +339,9 @@ def all_payloads() -> Iterator[tuple[str, str, str, bytes]]:
             yield f"bridge{how}@{base}", base, *bridge_discovery(
                 base=base, prefix=prefix, version="0.1.0", provider=provider
             )
+            yield f"bridge{how}+replicas@{base}", base, *bridge_discovery(
+                base=base, prefix=prefix, version="0.1.0", provider=provider, replicas=True
+            )
             for iccid in ICCIDS:
                 for name, state in STATES.items():
                     topic, payload = esim_discovery(

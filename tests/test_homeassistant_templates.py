@@ -39,6 +39,9 @@ BRIDGE = json.loads(bridge_discovery(base="esim", prefix="homeassistant", versio
 WITH_PROVIDER = json.loads(
     bridge_discovery(base="esim", prefix="homeassistant", version="0", provider=True)[1]
 )["cmps"]
+WITH_REPLICAS = json.loads(
+    bridge_discovery(base="esim", prefix="homeassistant", version="0", replicas=True)[1]
+)["cmps"]
 
 
 def render(template: str, payload: bytes) -> str:
@@ -114,6 +117,16 @@ def test_bridge_counters_come_from_bridge_info(key: str) -> None:
     as_text = json.dumps({"counts": {key: "12"}}).encode()
     for payload in (b'{"counts": {}}', b'{"counts": 3}', as_text, b"garbage"):
         assert render(template, payload) == "None", payload
+
+
+def test_the_publishing_replica_comes_from_bridge_info() -> None:
+    template = WITH_REPLICAS["publisher"]["value_template"]
+    assert WITH_REPLICAS["publisher"]["state_topic"] == "esim/bridge/info"
+    info = {"version": "0", "publisher": "bridge-2:4181", "counts": {}}
+    assert render(template, json.dumps(info).encode()) == "bridge-2:4181"
+    for payload in (b'{"counts": {}}', b'{"publisher": null}', b"garbage"):
+        assert render(template, payload) == "None", payload
+    assert "publisher" not in BRIDGE and "publisher" not in WITH_PROVIDER
 
 
 def test_the_provider_state_passes_its_four_values_and_makes_the_rest_unknown() -> None:

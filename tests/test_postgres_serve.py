@@ -48,7 +48,8 @@ def test_a_webhook_and_discovery_arrive_and_a_restart_republishes_them(
         watcher.wait_for("esim/event/DATA_USAGE")
         watcher.wait_for(f"esim/{iccid}/data_remaining", b"5351505742")
         watcher.wait_for(f"homeassistant/device/esim_{iccid}/config")
-        watcher.wait_for("homeassistant/device/esim_bridge/config")
+        bridge_config = json.loads(watcher.wait_for("homeassistant/device/esim_bridge/config"))
+        assert "publisher" in bridge_config["cmps"], "which replica publishes, in Home Assistant"
     assert bridge.post(body).status == 200  # a duplicate: stored once, on PostgreSQL
     assert not (bridge.workdir / "bridge.db").exists(), "no SQLite file with store.url"
     assert not (bridge.workdir / "bridge.db.lock").exists()
