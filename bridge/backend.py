@@ -56,6 +56,11 @@ class Statements:
         "ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload"
     )
     clear_retained: str = "DELETE FROM retained WHERE owner = ? AND topic = ?"
+    # A batch's records and dedup keys read ahead, each in one statement over an array
+    # (`Store._start`): on a remote backend only (`Backend.remote`), where each statement
+    # waits for a round trip; SQLite has no arrays, and needs no reading ahead.
+    records_of: str = "SELECT key, record FROM entity WHERE key = ANY(?::text[])"
+    seen_of: str = "SELECT key, at FROM seen WHERE key = ANY(?::text[])"
 
     @classmethod
     def postgres(cls) -> Statements:
@@ -81,8 +86,9 @@ class Backend(Protocol):
     sql: Statements
     errors: tuple[type[Exception], ...]  # the driver's errors: the batch fails, a 503
     locks: bool  # True: `lock` must be told every key a batch touches (several writers)
-    # True: every statement is a round trip to a server, which may stall or wait for
-    # another bridge's lock; the committer then runs a whole batch off the event loop
+    # True: a statement whose result is read waits for a round trip to a server, which
+    # may stall or wait for another bridge's lock: the committer then runs a whole batch
+    # off the event loop, and the store reads a batch's records ahead (`Store._start`)
     remote: bool
 
     def describe(self) -> str:

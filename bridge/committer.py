@@ -6,9 +6,10 @@ is queued into a batch, has `Store.apply` write it on the event loop's own threa
 COMMITs on a thread of its own, so the loop goes on serving requests (the next batch)
 during the fsync, and the GIL changes hands once per batch, not once per statement. A
 batch of one or two (light load) commits on the loop itself, where the handoff would
-cost more than it saves. On PostgreSQL every statement is a round trip, which may wait
-for another replica's lock or for a stalled network: there the whole batch (begin,
-apply, COMMIT) runs on the committer's thread, and the loop never waits on the server.
+cost more than it saves. On PostgreSQL a batch waits for round trips to the server (two
+for a batch of webhooks, `bridge/postgres.py`), which may wait for another replica's lock
+or for a stalled network: there the whole batch (begin, apply, COMMIT) runs on the
+committer's thread, and the loop never waits on the server.
 A write's future resolves only after its COMMIT: for a webhook, the moment the HTTP
 layer may answer 200.
 """

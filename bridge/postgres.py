@@ -1,10 +1,18 @@
 """The store on PostgreSQL (`store.url`): several bridges may share one database.
 
 psycopg 3, synchronous, with psycopg_pool: the store's one transaction body runs as it
-does on SQLite (statements on the event loop's thread, the COMMIT on a worker thread),
-on a writer connection the store keeps between batches; the pool reconnects in the
-background when the database comes back, and lends connections to reads off the
-write path.
+does on SQLite, on the committer's thread (`bridge/committer.py`), on a writer
+connection the store keeps between batches; the pool reconnects in the background when
+the database comes back, and lends connections to reads off the write path.
+
+Round trips: a batch runs in psycopg's pipeline mode, from BEGIN to COMMIT. A statement
+is sent at once and its result read only when the store asks for it (a `fetch`), so only
+reads wait for the server; the writes travel with the next read, or with the COMMIT. The
+store reads what a batch needs ahead, in one statement per table (`Store._start`), so a
+batch of webhooks of known eSIMs takes two round trips whatever its size: BEGIN, the
+locks and the reads; then the writes and the COMMIT. (It took 4N + 8 for N webhooks,
+one per statement.) BEGIN and COMMIT are the backend's own statements, on a writer
+connection in autocommit: psycopg would send its own BEGIN alone and wait for it.
 
 Several writers: each batch takes, before its first read, a transaction-scoped advisory
 lock per entity and per dedup key it touches, in one order (by lock id), so two bridges
@@ -24,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -101,6 +109,7 @@ class Postgres:
             name="esim-bridge",
         )
         self._conn: psycopg.Connection[Any] | None = None
+        self._pipeline: ExitStack | None = None  # from `begin` to `commit` or `rollback`
         self._open = False
         self._backlog = 0
         self._esims: int | None = None  # until first counted
@@ -133,24 +142,40 @@ class Postgres:
         self._pool.close()
 
     def begin(self) -> psycopg.Connection[Any]:
-        """The writer connection; its transaction begins with the first statement."""
+        """The writer connection, in a pipeline, with BEGIN sent (its answer is read with
+        the batch's first read)."""
         if not self._open:
             raise StoreUnavailable("the store is closed")
         if self._conn is None or self._conn.broken:
             self._give_back()
             self._conn = self._pool.getconn(timeout=WRITER_WAIT)
-        return self._conn
+            self._conn.autocommit = True  # BEGIN and COMMIT are sent here, in the pipeline
+        conn = self._conn
+        self._pipeline = ExitStack()
+        try:
+            self._pipeline.enter_context(conn.pipeline())
+            conn.execute("BEGIN")
+        except psycopg.Error:
+            self.rollback()
+            raise
+        return conn
 
     def commit(self) -> None:
+        """COMMIT, sent after the batch's writes; the pipeline's end waits for all their
+        answers (one round trip) and raises the first error among them."""
         if self._conn is None:
             raise StoreUnavailable("the store is closed")
-        self._conn.commit()
+        self._conn.execute("COMMIT")
+        self._end_pipeline()
 
     def rollback(self) -> None:
         conn = self._conn
         if conn is None:
             return
         try:
+            # the batch's error is raised already; the server skipped what came after it
+            with suppress(psycopg.Error):
+                self._end_pipeline()
             conn.rollback()
         except psycopg.Error:
             log.info("rollback failed: the connection is given up", exc_info=True)
@@ -158,6 +183,11 @@ class Postgres:
             return
         if conn.broken:
             self._give_back()
+
+    def _end_pipeline(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.close()
 
     def is_busy(self, exc: Exception) -> bool:
         """Never: a batch waits for another bridge's lock inside a statement instead."""
@@ -212,11 +242,17 @@ class Postgres:
 
     def _give_back(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                self._pool.putconn(conn)  # a broken one is closed, and replaced in time
-            except Exception:
-                log.info("could not give a connection back to the pool", exc_info=True)
+        if conn is None:
+            return
+        try:
+            self._end_pipeline()
+            conn.autocommit = False  # as the pool lends its connections to readers
+        except psycopg.Error:
+            pass  # a broken connection, or one left in a transaction: the pool closes it
+        try:
+            self._pool.putconn(conn)  # a broken one is closed, and replaced in time
+        except Exception:
+            log.info("could not give a connection back to the pool", exc_info=True)
 
 
 def _upgrade(conn: psycopg.Connection[Any]) -> None:

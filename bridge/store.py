@@ -119,11 +119,23 @@ class Batch:
 
     outcomes: list[Outcome] = field(default_factory=list)
     outbox: list[Message] = field(default_factory=list)
-    records: dict[str, Record | None] = field(default_factory=dict)  # loaded or written
+    # entity key -> its record as the batch leaves it: read ahead, loaded or written
+    records: dict[str, Record | None] = field(default_factory=dict)
+    # dedup key -> when it was first accepted, None: never; read ahead or written
+    seen: dict[str, float | None] = field(default_factory=dict)
     new_esims: int = 0
     orders_ready: list[str] = field(default_factory=list)  # ORDER_STATUS GOT_RESOURCE
     # (owner, retained topic) -> its payload as the batch leaves it; b"" clears the topic
     retained: dict[tuple[str, str], bytes] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Keys:
+    """What a batch will read and write, known before its first statement."""
+
+    entities: list[str] = field(default_factory=list)  # entity keys (and POSTED)
+    dedup: list[str] = field(default_factory=list)  # the webhooks' dedup keys
+    everything: bool = False  # it reads every entity (a resync, a forget)
 
 
 def dedup_key(decoded: Decoded, body: bytes) -> str:
@@ -251,9 +263,7 @@ class Store:
         whole batch (raised: the caller rolls back)."""
         conn = self._writer()
         batch = Batch()
-        if self.backend.locks:
-            self._lock(conn, writes)
-        waiting = backlog(conn)
+        waiting = self._start(conn, writes, batch)
         for write in writes:
             try:
                 if isinstance(write, Webhook):
@@ -286,29 +296,56 @@ class Store:
             raise StoreUnavailable("the store is closed")
         return self._conn
 
-    def _lock(self, conn: Connection, writes: list[Write]) -> None:
-        """Tell a backend with several writers what the batch reads and writes, before
-        its first read: every entity and dedup key (`Backend.lock`)."""
-        keys: list[str] = []
-        everything = False
+    def _start(self, conn: Connection, writes: list[Write], batch: Batch) -> int:
+        """What comes before a batch's first write; returns the outbox's backlog. With
+        several writers, the locks on what the batch touches (`Backend.lock`), before its
+        first read. On a remote backend, the records and dedup keys its webhooks and polls
+        will read, read ahead in one statement per table instead of two statements per
+        webhook: sent before the backlog's read and taken after it, so that on PostgreSQL
+        (a pipeline, `bridge/postgres.py`) BEGIN, the locks and the three reads reach the
+        server together and come back in one round trip."""
+        if not (self.backend.locks or self.backend.remote):
+            return backlog(conn)  # SQLite: every read is a function call, made when needed
+        keys = self._keys(writes)
+        if self.backend.locks:
+            self.backend.lock(conn, keys.entities + keys.dedup, keys.everything)
+        records = seen = None
+        if self.backend.remote and keys.entities:
+            records = conn.execute(self.sql.records_of, (keys.entities,))
+        if self.backend.remote and keys.dedup:
+            seen = conn.execute(self.sql.seen_of, (keys.dedup,))
+        waiting = backlog(conn)
+        if records is not None:
+            batch.records.update(dict.fromkeys(keys.entities))  # None: not stored
+            for key, blob in records.fetchall():
+                batch.records[key] = _record_decoder.decode(blob)
+        if seen is not None:
+            batch.seen.update(dict.fromkeys(keys.dedup))
+            batch.seen.update(seen.fetchall())
+        return waiting
+
+    def _keys(self, writes: list[Write]) -> Keys:
+        """Every entity and dedup key a batch reads and writes, from the writes alone."""
+        keys = Keys()
         for write in writes:
             if isinstance(write, Webhook):
-                keys.append(dedup_key(write.decoded, write.body))
+                keys.dedup.append(dedup_key(write.decoded, write.body))
                 try:
                     entity = topics.route(write.decoded).entity
                 except Exception:  # a bug: `_webhook` makes it the write's outcome
                     continue
                 if entity is not None:
-                    keys.append(entity.key)
+                    keys.entities.append(entity.key)
             elif isinstance(write, Poll):
-                keys += [Entity("esim", reading.iccid).key for reading in write.readings]
+                keys.entities += [Entity("esim", r.iccid).key for r in write.readings]
                 if write.order_no is not None:
-                    keys.append(Entity("order", write.order_no).key)
+                    keys.entities.append(Entity("order", write.order_no).key)
             elif isinstance(write, Post):
-                keys.append(POSTED)
+                # no entity, but the owner of the bridge's own retained topics: locked as one
+                keys.entities.append(POSTED)
             else:  # a resync or a forget reads every entity
-                everything = True
-        self.backend.lock(conn, keys, everything)
+                keys.everything = True
+        return keys
 
     # -- the writes, inside the transaction ---------------------------------------------------
 
@@ -318,8 +355,8 @@ class Store:
         decoded = write.decoded
         key = dedup_key(decoded, write.body)
         now = write.received_at.timestamp()
-        row = conn.execute(self.sql.seen_at, (key,)).fetchone()
-        if row is not None and row[0] >= now - self.dedup_seconds:
+        seen_at = self._seen_at(conn, batch, key)
+        if seen_at is not None and seen_at >= now - self.dedup_seconds:
             return Accepted(duplicate=True)
         pending = waiting + len(batch.outbox)
         if pending >= self.max_outbox:
@@ -383,6 +420,7 @@ class Store:
         # writes from here on
         if seen is not None:
             conn.execute(self.sql.put_seen, seen)
+            batch.seen[seen[0]] = seen[1]
         if changed:
             assert entity is not None and plan.record is not None
             batch.records[entity.key] = plan.record
@@ -453,6 +491,7 @@ class Store:
                 del record.fields["qr_code_url"]
                 record.times.pop("qr_code_url", None)
                 conn.execute(self.sql.put_record, (key, _record_encoder.encode(record)))
+                batch.records[key] = record
             messages = topics.retained(entity, record, self.topics)
             if ha is not None:
                 messages += ha.entity(entity, record, now)
@@ -514,8 +553,16 @@ class Store:
         self._keep(batch, owner, out)
         return out
 
+    def _seen_at(self, conn: Connection, batch: Batch, key: str) -> float | None:
+        """When a dedup key was first accepted, as this batch leaves it or as stored;
+        None: never."""
+        if key in batch.seen:
+            return batch.seen[key]
+        row = conn.execute(self.sql.seen_at, (key,)).fetchone()
+        return None if row is None else float(row[0])
+
     def _record(self, conn: Connection, entity: Entity, batch: Batch) -> Record | None:
-        """An entity's record as this batch left it, or as stored."""
+        """An entity's record as this batch left it (or read it ahead), or as stored."""
         if entity.key in batch.records:
             return batch.records[entity.key]
         row = conn.execute(self.sql.record, (entity.key,)).fetchone()

@@ -60,6 +60,16 @@ class Driver:
         when = received_at or datetime.now(UTC)
         return asyncio.run(self.committer.submit_async(decode(raw), raw, when))
 
+    def ingest_together(self, raws: list[bytes]) -> list[Accepted]:
+        """Store webhook bodies that arrive at the same moment: queued in one turn of the
+        event loop, they share a batch (one transaction), in this order."""
+        async def submit() -> list[Accepted]:
+            now = datetime.now(UTC)
+            futures = [self.committer.submit_async(decode(raw), raw, now) for raw in raws]
+            return list(await asyncio.gather(*futures))
+
+        return asyncio.run(submit())
+
     def resync(self) -> int:
         return asyncio.run(self.committer.resync())
 

@@ -265,6 +265,27 @@ def test_a_late_event_of_the_earlier_esim_changes_nothing_but_the_event_topics(
     assert accepted.notice is not None and "earlier eSIM" in accepted.notice
 
 
+def test_webhooks_in_one_batch_each_see_what_the_one_before_wrote(place: Place) -> None:
+    """Webhooks that arrive together share a transaction: each is deduplicated and merged
+    against the state as the ones before it in the batch left it (on PostgreSQL the batch
+    reads its records and dedup keys ahead, in one statement each)."""
+    with open_store(place) as store:
+        store.ingest(esim_event("DATA_USAGE", "d0", "T1", "2026-01-01T00:00:00Z", remain=300))
+        before = store.outbox()[-1][0]
+        outcomes = store.ingest_together([
+            esim_event("DATA_USAGE", "d1", "T1", "2026-01-01T02:00:00Z", remain=200),
+            esim_event("DATA_USAGE", "d0", "T1", "2026-01-01T00:00:00Z", remain=300),  # seen
+            esim_event("DATA_USAGE", "d1", "T1", "2026-01-01T02:00:00Z", remain=200),  # seen
+            esim_event("DATA_USAGE", "d2", "T1", "2026-01-01T01:00:00Z", remain=250),  # late
+            esim_event("DATA_USAGE", "d3", "T1", "2026-01-01T03:00:00Z", remain=100),
+        ])
+        sent = [m for _, m in store.outbox(before) if m.topic == f"esim/{ICCID}/data_remaining"]
+        kept = store.retained()
+    assert [accepted.duplicate for accepted in outcomes] == [False, True, True, False, False]
+    assert [m.payload for m in sent] == [b"200", b"100"]  # the late one sets no state
+    assert kept[f"esim/{ICCID}/data_remaining"] == b"100"
+
+
 def test_the_same_esim_without_an_esim_tran_no_is_not_a_reuse(place: Place) -> None:
     with open_store(place) as store:
         store.ingest(esim_event("DATA_USAGE", "s1", "T1", "2026-01-01T00:00:00Z", remain=5))

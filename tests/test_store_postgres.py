@@ -18,7 +18,7 @@ import pytest
 
 from bridge import postgres
 from bridge.store import Accepted, StoreUnavailable
-from bridge.topics import Reading
+from bridge.topics import Entity, Reading
 from tests.processes import FIXTURES
 from tests.stores import Driver, make_store, open_store, postgres_database
 
@@ -102,6 +102,23 @@ def test_a_reused_iccid_holds_across_replicas(url: str) -> None:
         )
         state = json.loads(one.retained()[f"esim/{ICCID}/state"])
     assert state["esim_tran_no"] == "NEW" and "data_remaining" not in state
+
+
+def test_a_batch_kept_waiting_for_a_lock_fails_whole_and_the_next_is_taken(url: str) -> None:
+    """Another replica stalled mid-transaction holds an eSIM's lock: a webhook of that eSIM
+    waits `lock_timeout` (2 s), gets StoreUnavailable (a 503) and leaves nothing behind;
+    once the lock is free, the same webhook is taken (not a duplicate) on the same store."""
+    start = datetime.now(UTC)
+    with open_store(url) as store, psycopg.connect(url) as stalled:
+        store.ingest(data_usage("before", 20, start))
+        stalled.execute("SELECT pg_advisory_xact_lock(%s)",
+                        (postgres.lock_id(Entity("esim", ICCID).key),))
+        with pytest.raises(StoreUnavailable):
+            store.ingest(data_usage("held", 10, start + timedelta(seconds=1)))
+        stalled.rollback()
+        accepted = store.ingest(data_usage("held", 10, start + timedelta(seconds=1)))
+        assert not accepted.duplicate
+        assert store.retained()[f"esim/{ICCID}/data_remaining"] == b"10"
 
 
 def test_an_order_one_replica_stored_is_pending_for_the_other(url: str) -> None:
