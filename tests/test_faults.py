@@ -485,12 +485,13 @@ def test_discovery_is_republished_to_a_broker_that_lost_it(
 
 
 def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
-    broker: Mosquitto, make_bridge: Callable[..., BridgeProcess]
+    broker: Mosquitto, make_bridge: Callable[..., BridgeProcess], place: Place
 ) -> None:
     """200 means kept: the bridge dies while webhooks are coming in and nothing has been
-    published; every webhook that got its 200 before the kill is published after."""
+    published; every webhook that got its 200 before the kill is published after. On
+    SQLite and on PostgreSQL (`place`)."""
     broker.start()
-    bridge = make_bridge(broker.url).start()
+    bridge = make_bridge(broker.url, place).start()
     broker.stop()  # nothing drains
     batch = hooks("crash", iccids("04", 6), 400)
     poster = Poster(bridge, batch, stop_on_error=True).start()

@@ -1,10 +1,10 @@
 """`esim-bridge serve` on PostgreSQL (`store.url`), one replica, end to end.
 
 The real bridge on a database of its own on the local PostgreSQL and a real Mosquitto:
-webhooks reach their topics and Home Assistant's discovery; a `kill -9` with a backlog
-that never reached the broker loses nothing acknowledged; a restart republishes the
+webhooks reach their topics and Home Assistant's discovery; a restart republishes the
 retained state from the database to a broker that lost it; and PostgreSQL out of reach
-means 503 and a reason on /readyz, until it is back.
+means 503 and a reason on /readyz, until it is back. (A `kill -9` with a backlog is
+test_faults.py's, on both stores.)
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from tests.brokers import Mosquitto
 from tests.processes import BridgeProcess, Watcher, fixture, retained
 from tests.stores import Proxy
 from tests.test_faults import (
-    Poster,
-    assert_delivered,
     assert_retained_state,
     broker,
     crash,
@@ -68,29 +66,6 @@ def test_a_webhook_and_discovery_arrive_and_a_restart_republishes_them(
     bridge.start()  # the same database: the retained table is all it has
     wait_until(lambda: wanted() == before, "the retained state again, from PostgreSQL", 20)
     assert retained(broker.port, "esim/bridge/state", wait=0.5) == {"esim/bridge/state": b"online"}
-
-
-def test_kill9_with_unpublished_backlog_loses_nothing_acknowledged(
-    broker: Mosquitto, database: str, make_bridge: Callable[..., BridgeProcess]
-) -> None:
-    broker.start()
-    bridge = make_bridge(broker.url, database).start()
-    broker.stop()  # nothing drains
-    batch = hooks("pgcrash", iccids("21", 6), 300)
-    poster = Poster(bridge, batch, stop_on_error=True).start()
-    poster.wait_acked(120)
-    bridge.kill()  # SIGKILL while requests are in flight
-    poster.join()
-    acked = list(poster.acked)
-    assert len(acked) < len(batch), "the stream was over before the kill"
-
-    broker.start()
-    with Watcher(broker.port, ["esim/#"]) as watcher:
-        bridge.start()
-        wait_for_events([watcher], ids(acked), timeout=30)
-        watcher.settle()
-        assert_delivered(list(watcher.messages), acked, poster.unanswered())
-    assert_retained_state(broker.port, acked, poster.unanswered())
 
 
 def test_postgresql_out_of_reach_answers_503_says_why_and_recovers_by_itself(
